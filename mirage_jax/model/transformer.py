@@ -1,0 +1,240 @@
+"""The decoder: one functional forward pass for every supported family.
+
+Parameters are a plain pytree (Flax naming: ``kernel`` is ``[in, out]``, ``scale``/``bias`` for
+norms, ``embedding`` for tables):
+
+    {"embed": {"embedding": [V, D]},
+     "pos_embed": {"embedding": [P, D]},                      # GPT-2 only
+     "layers": [ {"attn_norm": {...},
+                  "attn": {"q"|"k"|"v"|"o": {"kernel", "bias"?}},
+                  "mlp_norm": {...},                          # absent with a parallel residual
+                  "mlp": {"gate"?: ..., "up": ..., "down": {"kernel": [F, D], "bias"?}}}, ...],
+     "final_norm": {"scale", "bias"?},
+     "lm_head": {"kernel": [D, V], "bias"?}}                  # absent with tied embeddings
+
+Layers are a Python list (not a stacked array) so that an edit replaces one leaf,
+``params["layers"][l]["mlp"]["down"]["kernel"]``, without copying the other layers; the forward
+unrolls the layer loop, which is what the hooks below need anyway.
+
+Hooks are arguments, not global state (the penzai habit):
+- ``reads``: static tuple of ``(site, layer)``; the output carries those activations ``[B, T, X]``.
+- ``adds``: pytree ``{(site, layer): (index [B], vector [B, X])}``; the vector is added to that
+  site at one token position per row (differentiable in ``vector``).
+- ``start_layer`` + ``hidden``: run the stack from layer ``start_layer`` given the hidden state
+  entering it, so an optimisation at layer L never recomputes the layers below L.
+
+Sites: ``layer_in`` (residual entering the layer), ``mlp_key`` (input of the MLP down
+projection, the ROME/MEMIT key k), ``mlp_out`` (MLP output, the ROME value), ``residual``
+(hidden state leaving the layer, MEMIT's z).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mirage_jax.model.config import ModelConfig, rope_inv_freq
+
+Params = Mapping[str, Any]
+Site = tuple[str, int]
+SITES = ("layer_in", "mlp_key", "mlp_out", "residual")
+
+
+class KVCache(NamedTuple):
+    """Per-layer keys/values ``[B, S, H_kv, hd]``; slot j of every row is absolute slot j."""
+
+    k: list[jax.Array]
+    v: list[jax.Array]
+
+
+class ForwardOutput(NamedTuple):
+    logits: jax.Array | None  # [B, T, V] float32 (None when ``return_logits=False``)
+    reads: dict[Site, jax.Array]
+    cache: KVCache | None
+    hidden: jax.Array  # final hidden state before the final norm, [B, T, D]
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any) -> KVCache:
+    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    zeros = lambda: [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)]  # noqa: E731
+    return KVCache(zeros(), zeros())
+
+
+def positions_from_mask(mask: jax.Array) -> jax.Array:
+    """Token positions for a left-padded batch: 0 at the first real token of each row."""
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+# --- building blocks -------------------------------------------------------------------------
+
+
+def _dense(p: Params, x: jax.Array) -> jax.Array:
+    y = x @ p["kernel"]
+    return y + p["bias"] if "bias" in p else y
+
+
+def _norm(cfg: ModelConfig, p: Params, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    if cfg.norm == "rms":
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + cfg.norm_eps)
+        return p["scale"] * y.astype(x.dtype)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
+    return (y * p["scale"] + p["bias"]).astype(x.dtype)
+
+
+def _act(cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    return jax.nn.silu(x) if cfg.activation == "silu" else jax.nn.gelu(x, approximate=True)
+
+
+def _rope(cfg: ModelConfig, x: jax.Array, positions: jax.Array) -> jax.Array:
+    """Rotate-half RoPE on the first ``rope_dim`` dims of each head (GPT-J weights are permuted
+    at load time so that its interleaved rotary becomes this layout)."""
+    inv = jnp.asarray(rope_inv_freq(cfg), jnp.float32)
+    ang = positions.astype(jnp.float32)[..., None] * inv  # [B, T, r/2]
+    cos, sin = jnp.cos(ang)[:, :, None, :], jnp.sin(ang)[:, :, None, :]
+    r = cfg.rope_dim
+    rot, rest = x[..., :r].astype(jnp.float32), x[..., r:]
+    x1, x2 = rot[..., : r // 2], rot[..., r // 2 :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    return jnp.concatenate([out, rest], axis=-1) if rest.shape[-1] else out
+
+
+def _attention(
+    cfg: ModelConfig,
+    p: Params,
+    x: jax.Array,
+    positions: jax.Array,
+    key_mask: jax.Array,
+    cache_kv: tuple[jax.Array, jax.Array] | None,
+    cache_index: jax.Array | int,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    b, t, _ = x.shape
+    hq, hk, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q = _dense(p["q"], x).reshape(b, t, hq, hd)
+    k = _dense(p["k"], x).reshape(b, t, hk, hd)
+    v = _dense(p["v"], x).reshape(b, t, hk, hd)
+    if not cfg.learned_positions:
+        q, k = _rope(cfg, q, positions), _rope(cfg, k, positions)
+    new_cache = None
+    if cache_kv is not None:
+        ck = jax.lax.dynamic_update_slice_in_dim(cache_kv[0], k.astype(cache_kv[0].dtype), cache_index, 1)
+        cv = jax.lax.dynamic_update_slice_in_dim(cache_kv[1], v.astype(cache_kv[1].dtype), cache_index, 1)
+        k, v, new_cache = ck, cv, (ck, cv)
+    s = k.shape[1]
+    q_slot = cache_index + jnp.arange(t)
+    k_slot = jnp.arange(s)
+    allowed = (k_slot[None, :] <= q_slot[:, None])[None] & key_mask[:, None, :].astype(bool)
+    if cfg.sliding_window is not None:
+        allowed &= (k_slot[None, :] > q_slot[:, None] - cfg.sliding_window)[None]
+    q = q.reshape(b, t, hk, hq // hk, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores / np.sqrt(hd)
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, hq * hd)
+    return _dense(p["o"], out), new_cache
+
+
+def _add_at(x: jax.Array, index: jax.Array, vector: jax.Array) -> jax.Array:
+    """x[b, index[b]] += vector[b], as a dense masked add so it differentiates cleanly."""
+    onehot = jax.nn.one_hot(index, x.shape[1], dtype=x.dtype)  # [B, T]
+    return x + onehot[:, :, None] * vector[:, None, :].astype(x.dtype)
+
+
+def _layer(cfg, p, x, positions, key_mask, cache_kv, cache_index, layer, reads, adds, out_reads):
+    def hook(site: str, value: jax.Array) -> jax.Array:
+        if (site, layer) in adds:
+            value = _add_at(value, *adds[(site, layer)])
+        if (site, layer) in reads:
+            out_reads[(site, layer)] = value
+        return value
+
+    x = hook("layer_in", x)
+    h = _norm(cfg, p["attn_norm"], x)
+    attn, new_kv = _attention(cfg, p["attn"], h, positions, key_mask, cache_kv, cache_index)
+    mlp_in = h if cfg.parallel_residual else _norm(cfg, p["mlp_norm"], x + attn)
+    m = p["mlp"]
+    if cfg.gated_mlp:
+        key = _act(cfg, _dense(m["gate"], mlp_in)) * _dense(m["up"], mlp_in)
+    else:
+        key = _act(cfg, _dense(m["up"], mlp_in))
+    key = hook("mlp_key", key)
+    mlp_out = hook("mlp_out", _dense(m["down"], key))
+    out = x + attn + mlp_out
+    return hook("residual", out), new_kv
+
+
+def embed(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+    x = jnp.take(params["embed"]["embedding"], tokens, axis=0)
+    if cfg.learned_positions:
+        x = x + jnp.take(params["pos_embed"]["embedding"], positions, axis=0)
+    return x
+
+
+def unembed(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
+    """Final norm + LM head -> float32 logits."""
+    h = _norm(cfg, params["final_norm"], hidden)
+    if cfg.tie_word_embeddings:
+        logits = h @ params["embed"]["embedding"].T
+    else:
+        logits = _dense(params["lm_head"], h)
+    return logits.astype(jnp.float32)
+
+
+def forward(
+    params: Params,
+    cfg: ModelConfig,
+    tokens: jax.Array | None,
+    *,
+    attn_mask: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    cache: KVCache | None = None,
+    cache_index: jax.Array | int = 0,
+    reads: tuple[Site, ...] = (),
+    adds: Mapping[Site, tuple[jax.Array, jax.Array]] | None = None,
+    start_layer: int = 0,
+    hidden: jax.Array | None = None,
+    stop_layer: int | None = None,
+    return_logits: bool = True,
+) -> ForwardOutput:
+    """Run the decoder.
+
+    tokens: ``[B, T]`` int ids (ignored when ``hidden`` is given).
+    attn_mask: which key slots hold real tokens: ``[B, T]`` without a cache, ``[B, S]`` (the
+      whole cache) with one. Defaults to all ones.
+    positions: ``[B, T]`` RoPE / position-table indices; defaults to ``positions_from_mask``.
+    cache / cache_index: KV cache and the slot where this call's first token is written.
+    start_layer / hidden: run layers ``start_layer..`` from ``hidden`` (the ``layer_in`` of
+      ``start_layer``). stop_layer: stop after that many layers (exclusive bound), e.g. to
+      collect keys without paying for the rest of the stack; logits are then not computed.
+    """
+    adds = dict(adds or {})
+    for site, layer in tuple(reads) + tuple(adds):
+        if site not in SITES or not 0 <= layer < cfg.num_layers:
+            raise ValueError(f"hook ({site!r}, {layer}) invalid: sites {SITES}, layers 0..{cfg.num_layers - 1}")
+    ref = hidden if hidden is not None else tokens
+    b, t = ref.shape[0], ref.shape[1]
+    if attn_mask is None:
+        attn_mask = jnp.ones((b, t if cache is None else cache.k[0].shape[1]), jnp.int32)
+    if positions is None:
+        positions = positions_from_mask(attn_mask[:, :t] if cache is None else attn_mask[:, :t])
+    x = hidden if hidden is not None else embed(params, cfg, tokens, positions)
+    stop = cfg.num_layers if stop_layer is None else stop_layer
+    out_reads: dict[Site, jax.Array] = {}
+    new_k, new_v = (list(cache.k), list(cache.v)) if cache is not None else (None, None)
+    for layer in range(start_layer, stop):
+        kv = (cache.k[layer], cache.v[layer]) if cache is not None else None
+        x, new_kv = _layer(
+            cfg, params["layers"][layer], x, positions, attn_mask, kv, cache_index, layer,
+            reads, adds, out_reads,
+        )
+        if new_kv is not None:
+            new_k[layer], new_v[layer] = new_kv
+    logits = unembed(params, cfg, x) if return_logits and stop == cfg.num_layers else None
+    new_cache = KVCache(new_k, new_v) if cache is not None else None
+    return ForwardOutput(logits, out_reads, new_cache, x)
