@@ -52,3 +52,15 @@ def save_tiny(family: str, out: Path, seed: int = 0) -> Path:
     model.eval()
     model.save_pretrained(str(out), safe_serialization=True)
     return out
+
+
+def tiny_tokenizer(vocab_size: int = 128):
+    """A word-level tokenizer over ids 0..vocab_size-1 ("t0".."tN"), so decoding is inspectable."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t0", eos_token="t1")

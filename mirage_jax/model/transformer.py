@@ -222,7 +222,7 @@ def forward(
     if attn_mask is None:
         attn_mask = jnp.ones((b, t if cache is None else cache.k[0].shape[1]), jnp.int32)
     if positions is None:
-        positions = positions_from_mask(attn_mask[:, :t] if cache is None else attn_mask[:, :t])
+        positions = positions_from_mask(attn_mask[:, :t])  # prompt / prefill: slots 0..t-1
     x = hidden if hidden is not None else embed(params, cfg, tokens, positions)
     stop = cfg.num_layers if stop_layer is None else stop_layer
     out_reads: dict[Site, jax.Array] = {}
