@@ -21,6 +21,7 @@ import numpy as np
 
 from mirage_jax.model.config import ModelConfig
 from mirage_jax.model.transformer import forward, init_cache
+from mirage_jax.tokens import bucket
 
 StopFn = Callable[[str], bool]
 
@@ -37,11 +38,6 @@ class Generation:
     text: str  # decoded with special tokens skipped
     raw_text: str  # decoded with special tokens kept (what stop strings see)
     stopped_by: str  # 'eos', 'stop' (string / stop rule) or 'length'
-
-
-def bucket(n: int, minimum: int = 16) -> int:
-    """Smallest power of two >= max(n, minimum)."""
-    return max(minimum, 1 << max(0, (n - 1).bit_length()))
 
 
 def _donate() -> tuple[int, ...]:

@@ -1,0 +1,84 @@
+"""Static-shape buckets, and prompt + target -> padded token batches with a target mask.
+
+Used by every gradient-based editor (FT, MEND) and by the teacher-forced synthetic evaluation,
+so "which tokens are the target" is decided in exactly one place. The target is tokenised *in
+context* (prompt + " " + target, then split by character offsets), so SentencePiece-style
+tokenizers get no stray lone-space token and byte-level BPE merges at the boundary are honest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+
+
+class EditInputError(ValueError):
+    """An edit request cannot be turned into tokens (empty target, no target tokens...)."""
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """Smallest power of two >= max(n, minimum): static shapes, few compilations."""
+    return max(minimum, 1 << max(0, (n - 1).bit_length()))
+
+
+def join_target(prompt: str, target: str) -> str:
+    """The seed prepends " " unconditionally (double space for targets that already start with
+    one); we strip the target's outer whitespace first."""
+    return prompt + " " + target.strip()
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenBatch:
+    """Left-padded batch. `target_mask[b, t]` is 1 where token t is a target token of row b."""
+
+    tokens: np.ndarray  # [B, T] int32
+    attn_mask: np.ndarray  # [B, T] int32
+    target_mask: np.ndarray  # [B, T] float32
+    prompt_last: np.ndarray  # [B] index of the last prompt token
+    n_rows: int  # real rows (the rest is padding up to the batch bucket)
+
+
+def split_prompt_target(tokenizer: Any, prompt: str, target: str, add_special_tokens: bool = True):
+    """Token ids of prompt+target and how many of them belong to the prompt."""
+    if not target or not target.strip():
+        raise EditInputError(f"empty target for prompt {prompt!r}")
+    text = join_target(prompt, target)
+    enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    # First token that starts at/after the end of the prompt (special tokens have (0, 0)).
+    n_prompt = next((i for i, (s, e) in enumerate(offsets) if e > s and s >= len(prompt)), len(ids))
+    if n_prompt == len(ids):
+        raise EditInputError(f"target {target!r} produced no tokens after prompt {prompt!r}")
+    if n_prompt == 0:
+        raise EditInputError(f"prompt {prompt!r} produced no tokens")
+    return ids, n_prompt
+
+
+def make_batch(
+    tokenizer: Any,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    *,
+    add_special_tokens: bool = True,
+    min_len: int = 16,
+    batch_bucket: bool = True,
+) -> TokenBatch:
+    rows = [split_prompt_target(tokenizer, p, t, add_special_tokens) for p, t in zip(prompts, targets)]
+    n = len(rows)
+    t_len = bucket(max(len(ids) for ids, _ in rows), min_len)
+    b = bucket(n, 1) if batch_bucket else n
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    tokens = np.full((b, t_len), pad, np.int32)
+    attn = np.zeros((b, t_len), np.int32)
+    tmask = np.zeros((b, t_len), np.float32)
+    last = np.full((b,), t_len - 1, np.int32)
+    for r, (ids, n_prompt) in enumerate(rows):
+        off = t_len - len(ids)
+        tokens[r, off:] = ids
+        attn[r, off:] = 1
+        tmask[r, off + n_prompt:] = 1
+        last[r] = off + n_prompt - 1
+    attn[n:, -1] = 1  # filler rows see one token so their softmax stays finite
+    return TokenBatch(tokens, attn, tmask, last, n)
