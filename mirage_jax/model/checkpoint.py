@@ -311,7 +311,9 @@ def save_hf_checkpoint(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
         )
     config = dict(hf_config)
-    config["torch_dtype"] = dtype
+    # transformers >= 4.56 reads "dtype" (a stale one from the source config would win), older
+    # releases "torch_dtype": write both so either loads the checkpoint in its real precision.
+    config["dtype"] = config["torch_dtype"] = dtype
     config.setdefault("architectures", [_ARCH[cfg.model_type]])
     (out / "config.json").write_text(json.dumps(config, indent=2))
     if tokenizer is not None:

@@ -1,0 +1,85 @@
+"""Flags -> config -> runner. No logic of its own.
+
+    python launch.py --method=FT-M --model=default --dataset=qaedit --data_path=... --ds_size=20 \
+        --edit_mode=single --evaluation=wild --context_type=question-only --judge=exact_match --output_dir=out/
+
+With no flags it runs FT-M on the embedded default model over our demo facts (data/), both
+evaluations, under the model's chat template.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("method", "FT-M", "editing method (FT-L, FT-M; more as they land)")
+flags.DEFINE_string("model", "default", "'default', an HF checkpoint directory or a .gguf file")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "parameter dtype")
+flags.DEFINE_bool("allow_pickle", False, "allow pickle *.bin checkpoints (they can run code when loaded)")
+flags.DEFINE_string("dataset", "qaedit", "qaedit, zsre or counterfact")
+flags.DEFINE_string("data_path", None, "edit dataset file (default: our demo set, QAEdit schema)")
+flags.DEFINE_integer("ds_size", None, "use only the first N records")
+flags.DEFINE_bool("skip_bad", False, "skip malformed records (counted) instead of stopping")
+flags.DEFINE_string("edit_mode", "single", "single, sequential or batch")
+flags.DEFINE_integer("batch_size", 1, "requests per edit with --edit_mode=batch")
+flags.DEFINE_string("evaluation", "both", "wild, synthetic or both (one pass)")
+flags.DEFINE_string("context_type", "chat_temp", "question-only, qa_inst or chat_temp (WILD)")
+flags.DEFINE_integer("max_new_tokens", 50, "WILD generation budget")
+flags.DEFINE_string("stop_rule", "improved", "WILD answer end: 'seed' (paper) or 'improved'")
+flags.DEFINE_string("judge", "exact_match", "exact_match or llm")
+flags.DEFINE_string("judge_model", "gpt-4o-mini", "model name for --judge=llm")
+flags.DEFINE_string("judge_base_url", None, "OpenAI-compatible endpoint for --judge=llm (key: $OPENAI_API_KEY)")
+flags.DEFINE_string("output_dir", "out", "results directory")
+flags.DEFINE_bool("resume", False, "continue a killed run with the same settings")
+flags.DEFINE_multi_string("hp", [], "hyper-parameter override key=value (repeatable)")
+flags.DEFINE_string("hparams_for", None, "borrow the configs/ entry of this model key")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from configs import get_hparams
+    from mirage_jax import datasets
+    from mirage_jax.editing import get_method
+    from mirage_jax.evaluation.answers import CONTEXT_TYPES
+    from mirage_jax.evaluation.judge import make_judge
+    from mirage_jax.evaluation.wild import WildConfig
+    from mirage_jax.model import load_model
+    from mirage_jax.runner import RunConfig, run
+
+    if FLAGS.context_type not in CONTEXT_TYPES:
+        raise app.UsageError(f"unknown context_type {FLAGS.context_type!r}; valid: {', '.join(CONTEXT_TYPES)}")
+    if FLAGS.dataset not in datasets.DATASET_NAMES:
+        raise app.UsageError(f"unknown dataset {FLAGS.dataset!r}; valid: {', '.join(datasets.DATASET_NAMES)}")
+    if FLAGS.stop_rule not in ("seed", "improved"):
+        raise app.UsageError(f"unknown stop_rule {FLAGS.stop_rule!r}; valid: seed, improved")
+    method = get_method(FLAGS.method)
+    data_path = FLAGS.data_path or str(datasets.demo_path())
+    data = datasets.load_dataset(FLAGS.dataset, data_path, FLAGS.ds_size, skip_bad=FLAGS.skip_bad)
+    if data.skipped:
+        logging.warning("skipped %d bad records: %s", len(data.skipped), data.skipped[:5])
+    model = load_model(FLAGS.model, dtype=FLAGS.dtype, allow_pickle=FLAGS.allow_pickle)
+    hp = get_hparams(method.name, model.name, FLAGS.hp, key=FLAGS.hparams_for)
+    rc = RunConfig(
+        method=method.name, model_name=model.name, dataset=FLAGS.dataset, data_path=data_path,
+        edit_mode=FLAGS.edit_mode, batch_size=FLAGS.batch_size, evaluation=FLAGS.evaluation,
+        wild=WildConfig(context_type=FLAGS.context_type, max_new_tokens=FLAGS.max_new_tokens,
+                        stop_rule=FLAGS.stop_rule),
+        output_dir=FLAGS.output_dir, resume=FLAGS.resume,
+    )
+    judge = make_judge(FLAGS.judge, FLAGS.judge_model, FLAGS.judge_base_url,
+                       cache_path=f"{FLAGS.output_dir}/judge_cache.jsonl")
+    summary = run(model, list(data.requests), method, hp, rc, judge)
+    print(json.dumps({k: summary[k] for k in ("run", "n_samples", "pre", "post")}, indent=2))
+
+
+if __name__ == "__main__":
+    try:
+        app.run(main)
+    except ValueError as err:  # every user mistake is a ValueError subclass with a one-line message
+        sys.exit(f"error: {err}")

@@ -1,0 +1,291 @@
+"""Single / sequential / batch editing experiments (spec 1.4-1.5), streamed and resumable.
+
+The runner is the only module that knows both the editing methods and the evaluation.
+
+* Pre-edit evaluation runs once per (model, data, evaluation settings) and is cached on disk
+  under `{output_dir}/.pre_cache/`, written batch by batch, so a second method on the same data
+  never recomputes it.
+* single: every sample is evaluated on `original params + its own edit` -- restoring is free,
+  the original pytree is simply kept; sequential: all edits, then all evaluations; batch:
+  cumulative chunks of `batch_size` requests, then all evaluations.
+* Each finished sample is one JSON line, flushed at once; `resume=True` skips the case ids
+  already in the file. A summary JSON and a markdown table are written at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from mirage_jax.datasets import EditRequest
+from mirage_jax.editing import EditMethod
+from mirage_jax.evaluation import synthetic, wild
+from mirage_jax.evaluation.judge import Judge, JudgeItem
+
+log = logging.getLogger(__name__)
+
+EDIT_MODES = ("single", "sequential", "batch")
+EVALUATIONS = ("wild", "synthetic", "both")
+
+
+class RunError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    method: str
+    model_name: str
+    dataset: str
+    data_path: str
+    edit_mode: str = "single"  # 'single', 'sequential' or 'batch'
+    batch_size: int = 1  # requests per edit in batch mode
+    evaluation: str = "wild"  # 'wild', 'synthetic' or 'both'
+    wild: wild.WildConfig = wild.WildConfig()
+    output_dir: str = "out"
+    resume: bool = False  # continue a killed run: skip case ids already written
+    eval_batch: int = 16  # requests evaluated together (sequential / batch modes, pre-edit)
+
+    def __post_init__(self):
+        if self.edit_mode not in EDIT_MODES:
+            raise RunError(f"unknown edit_mode {self.edit_mode!r}; valid: {', '.join(EDIT_MODES)}")
+        if self.evaluation not in EVALUATIONS:
+            raise RunError(f"unknown evaluation {self.evaluation!r}; valid: {', '.join(EVALUATIONS)}")
+        if self.batch_size < 1:
+            raise RunError("batch_size must be >= 1")
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return ("wild", "synthetic") if self.evaluation == "both" else (self.evaluation,)
+
+    @property
+    def run_name(self) -> str:
+        ctx = self.wild.context_type if "wild" in self.kinds else "none"
+        mode = self.edit_mode + (f"{self.batch_size}" if self.edit_mode == "batch" else "")
+        return f"{self.method}_{self.model_name}_{self.dataset}_{mode}_{self.evaluation}_{ctx}"
+
+
+# --- evaluation of a set of requests on one pytree --------------------------------------------
+
+
+def _questions(r: EditRequest) -> list[str]:
+    return [r.prompt] + ([r.rephrase] if r.rephrase else []) + [p.prompt for p in r.locality]
+
+
+def evaluate(model: Any, params: Any, reqs: Sequence[EditRequest], rc: RunConfig, judge: Judge,
+             pre: Sequence[dict] | None = None) -> list[dict]:
+    """Metrics of each request on `params`; with `pre`, locality against the pre-edit outputs."""
+    out = [dict() for _ in reqs]
+    cfg, tok = model.cfg, model.tokenizer
+    if "wild" in rc.kinds:
+        qs = [_questions(r) for r in reqs]
+        answers = wild.wild_answers(params, cfg, tok, [q for qq in qs for q in qq], rc.wild)
+        items, where, k = [], [], 0
+        for i, (r, qq) in enumerate(zip(reqs, qs)):
+            ans = answers[k : k + len(qq)]
+            k += len(qq)
+            w = {"rewrite_gen_content": ans[0].answer, "rewrite_raw": ans[0].raw}
+            items.append(JudgeItem(r.prompt, r.target_new, ans[0].answer)); where.append((i, "rewrite_acc"))
+            if r.rephrase:
+                w.update(rephrase_gen_content=ans[1].answer, rephrase_raw=ans[1].raw)
+                items.append(JudgeItem(r.rephrase, r.target_new, ans[1].answer)); where.append((i, "rephrase_acc"))
+            loc = ans[1 + bool(r.rephrase):]
+            w["_loc"] = [dataclasses.asdict(a) for a in loc]
+            if pre is not None:
+                before = [wild.WildAnswer(tuple(a["ids"]), a["raw"], a["answer"]) for a in pre[i]["wild"]["_loc"]]
+                same = [wild.locality_same_generation(b, a) for b, a in zip(before, loc)]
+                same_ans = [wild.locality_same_answer(b, a) for b, a in zip(before, loc)]
+                w["locality"] = {"neighborhood_acc": _mean(same), "answer_acc": _mean(same_ans),
+                                 "per_pair": same, "gen_content": [a.answer for a in loc]}
+            out[i]["wild"] = w
+        for (i, key), verdict in zip(where, judge.judge_many(items)):
+            out[i]["wild"][key] = verdict
+    if "synthetic" in rc.kinds:
+        prompts, targets, where = [], [], []
+        for i, r in enumerate(reqs):
+            for key, p in (("rewrite_acc", r.prompt), ("rephrase_acc", r.rephrase)):
+                if p:
+                    prompts.append(p); targets.append(r.target_new); where.append((i, key))
+        accs = synthetic.token_accuracy(params, cfg, tok, prompts, targets)
+        for i in range(len(reqs)):
+            out[i]["synthetic"] = {}
+        for (i, key), a in zip(where, accs):
+            out[i]["synthetic"][key] = a
+        loc_pairs = [(i, p) for i, r in enumerate(reqs) for p in r.locality]
+        preds = synthetic.predicted_target_tokens(params, cfg, tok, [p.prompt for _, p in loc_pairs],
+                                                  [p.answer for _, p in loc_pairs]) if loc_pairs else []
+        per: dict[int, list] = {i: [] for i in range(len(reqs))}
+        for (i, _), (pred, _) in zip(loc_pairs, preds):
+            per[i].append(pred.tolist())
+        for i in range(len(reqs)):
+            out[i]["synthetic"]["_loc"] = per[i]
+            if pre is not None:
+                agree = synthetic.locality_agreement(pre[i]["synthetic"]["_loc"], per[i])
+                out[i]["synthetic"]["locality"] = {"neighborhood_acc": _mean(agree), "per_pair": agree}
+    return out
+
+
+def _mean(xs: Iterable[float | None]) -> float | None:
+    vals = [x for x in xs if x is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def _public(metrics: dict) -> dict:
+    """Drop internal fields (leading underscore) before writing results."""
+    return {k: (_public(v) if isinstance(v, dict) else v) for k, v in metrics.items() if not k.startswith("_")}
+
+
+# --- streaming files ----------------------------------------------------------------------------
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """Lines of a results file; a torn last line (killed mid-write) is dropped."""
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("%s: dropping a torn line (the run was killed while writing)", path)
+    return rows
+
+
+def _append(path: Path, row: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+
+
+def _fingerprint(model: Any) -> str:
+    leaf = np.asarray(jax.device_get(model.params["final_norm"]["scale"]), np.float32)
+    return f"{model.name}:{model.cfg.num_layers}:{float(leaf.sum()):.6f}"
+
+
+def pre_cache_path(model: Any, rc: RunConfig, judge: Judge) -> Path:
+    key = json.dumps([_fingerprint(model), rc.data_path, rc.dataset, rc.kinds, dataclasses.asdict(rc.wild),
+                      judge.name], sort_keys=True)
+    return Path(rc.output_dir) / ".pre_cache" / (hashlib.sha256(key.encode()).hexdigest()[:20] + ".jsonl")
+
+
+def pre_edit(model: Any, reqs: Sequence[EditRequest], rc: RunConfig, judge: Judge) -> dict[int, dict]:
+    """Pre-edit metrics of every request, from the cache where present, computed in batches."""
+    path = pre_cache_path(model, rc, judge)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = {row["case_id"]: row["metrics"] for row in _read_jsonl(path)}
+    todo = [r for r in reqs if r.case_id not in done]
+    for s in tqdm(range(0, len(todo), rc.eval_batch), desc="pre-edit eval", disable=not todo):
+        chunk = todo[s : s + rc.eval_batch]
+        for r, m in zip(chunk, evaluate(model, model.params, chunk, rc, judge)):
+            done[r.case_id] = m
+            _append(path, {"case_id": r.case_id, "metrics": m})
+    return done
+
+
+# --- the experiment -----------------------------------------------------------------------------
+
+
+def _record(r: EditRequest, pre: dict, post: dict, info: dict) -> dict:
+    return {"case_id": r.case_id, "requested_rewrite": dataclasses.asdict(r), "pre": _public(pre),
+            "post": _public(post), "edit": info}
+
+
+def _safe_edit(method: EditMethod, model: Any, params: Any, reqs: Sequence[EditRequest], hp: Any):
+    """Apply one edit; a bad request becomes an error record instead of ending the run."""
+    t0 = time.perf_counter()
+    try:
+        new, info = method.apply(params, model.cfg, model.tokenizer, reqs, hp)
+    except ValueError as err:  # method-level input errors (subject missing, empty target...)
+        ids = ", ".join(str(r.case_id) for r in reqs)
+        log.warning("case %s: edit failed, skipped: %s", ids, err)
+        return params, {"error": str(err).splitlines()[0]}
+    jax.block_until_ready(new)
+    info = dict(info, seconds=round(time.perf_counter() - t0, 4))
+    return new, info
+
+
+def run(model: Any, requests: Sequence[EditRequest], method: EditMethod, hp: Any, rc: RunConfig,
+        judge: Judge) -> dict:
+    """Run the experiment, streaming results; returns the summary (also written to disk)."""
+    if rc.edit_mode == "batch" and not method.batchable:
+        raise RunError(f"method {method.name} cannot batch-edit; use --edit_mode=single or sequential")
+    out_dir = Path(rc.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = out_dir / f"{rc.run_name}.jsonl"
+    if results.exists() and not rc.resume:
+        raise RunError(f"{results} exists; pass --resume to continue it or choose another --output_dir")
+    finished = {row["case_id"] for row in _read_jsonl(results)}
+    pre = pre_edit(model, requests, rc, judge)
+    todo = [r for r in requests if r.case_id not in finished]
+    if rc.edit_mode == "single":
+        for r in tqdm(todo, desc=f"{method.name} single"):
+            new, info = _safe_edit(method, model, model.params, [r], hp)
+            post = {} if "error" in info else evaluate(model, new, [r], rc, judge, [pre[r.case_id]])[0]
+            _append(results, _record(r, pre[r.case_id], post, info))
+    elif todo:
+        params, infos = model.params, {}
+        step = 1 if rc.edit_mode == "sequential" else rc.batch_size
+        chunks = [requests[s : s + step] for s in range(0, len(requests), step)]
+        for chunk in tqdm(chunks, desc=f"{method.name} {rc.edit_mode} edits"):  # all edits, resumed or not
+            params, info = _safe_edit(method, model, params, chunk, hp)
+            infos.update({r.case_id: info for r in chunk})
+        for s in tqdm(range(0, len(todo), rc.eval_batch), desc="post-edit eval"):
+            chunk = todo[s : s + rc.eval_batch]
+            posts = evaluate(model, params, chunk, rc, judge, [pre[r.case_id] for r in chunk])
+            for r, post in zip(chunk, posts):
+                _append(results, _record(r, pre[r.case_id], post, infos[r.case_id]))
+    summary = summarise(_read_jsonl(results), rc, judge.name)
+    (out_dir / f"{rc.run_name}_summary.json").write_text(json.dumps(summary, indent=2))
+    (out_dir / f"{rc.run_name}_table.md").write_text(markdown_table(summary))
+    return summary
+
+
+def summarise(rows: Sequence[dict], rc: RunConfig, judge_name: str) -> dict:
+    """Means over samples per stage and evaluation type; None (unjudged) values are counted apart.
+
+    `post`/`pre` also carry flat `rewrite_acc`, `rephrase_acc`, `locality` of the headline
+    evaluation (WILD when it ran), beside the per-type blocks.
+    """
+    ok = [r for r in rows if "error" not in r.get("edit", {})]
+    summary: dict[str, Any] = {"run": rc.run_name, "method": rc.method, "model": rc.model_name,
+                               "dataset": rc.dataset, "edit_mode": rc.edit_mode, "judge": judge_name,
+                               "n_samples": len(ok), "n_failed_edits": len(rows) - len(ok)}
+    for stage in ("pre", "post"):
+        block: dict[str, Any] = {}
+        for kind in rc.kinds:
+            vals = [r[stage].get(kind, {}) for r in ok]
+            m = {key: _mean(v.get(key) for v in vals) for key in ("rewrite_acc", "rephrase_acc")}
+            if kind == "wild":  # answers the judge could not grade (unreachable LLM judge)
+                m["unjudged"] = sum(v.get(k) is None for v in vals for k in ("rewrite_acc", "rephrase_acc")
+                                    if k.replace("acc", "gen_content") in v)
+            if stage == "post":
+                m["locality"] = _mean(v.get("locality", {}).get("neighborhood_acc") for v in vals)
+                if kind == "wild":
+                    m["locality_answer"] = _mean(v.get("locality", {}).get("answer_acc") for v in vals)
+            block[kind] = m
+        head = block[rc.kinds[0]]
+        block.update({k: head[k] for k in ("rewrite_acc", "rephrase_acc", "locality") if k in head})
+        summary[stage] = block
+    return summary
+
+
+def markdown_table(summary: dict) -> str:
+    """One row like the paper's table: synthetic vs WILD side by side (post-edit)."""
+    def cell(kind, key):
+        v = summary["post"].get(kind, {}).get(key)
+        return "-" if v is None else f"{v:.3f}"
+
+    head = "| Method | Model | Dataset | Mode | Rel syn | Rel WILD | Gen syn | Gen WILD | Loc syn | Loc WILD |"
+    sep = "|" + "---|" * 10
+    row = (f"| {summary['method']} | {summary['model']} | {summary['dataset']} | {summary['edit_mode']} | "
+           f"{cell('synthetic', 'rewrite_acc')} | {cell('wild', 'rewrite_acc')} | {cell('synthetic', 'rephrase_acc')} | "
+           f"{cell('wild', 'rephrase_acc')} | {cell('synthetic', 'locality')} | {cell('wild', 'locality')} |")
+    return "\n".join([head, sep, row, "", f"n={summary['n_samples']}, judge={summary['judge']}", ""])
