@@ -20,17 +20,17 @@ flags.DEFINE_string("method", "FT-M", "editing method (FT-L, FT-M; more as they 
 flags.DEFINE_string("model", "default", "'default', an HF checkpoint directory or a .gguf file")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "parameter dtype")
 flags.DEFINE_bool("allow_pickle", False, "allow pickle *.bin checkpoints (they can run code when loaded)")
-flags.DEFINE_string("dataset", "qaedit", "qaedit, zsre or counterfact")
+flags.DEFINE_enum("dataset", "qaedit", ["qaedit", "zsre", "counterfact"], "edit dataset format")
 flags.DEFINE_string("data_path", None, "edit dataset file (default: our demo set, QAEdit schema)")
 flags.DEFINE_integer("ds_size", None, "use only the first N records")
 flags.DEFINE_bool("skip_bad", False, "skip malformed records (counted) instead of stopping")
-flags.DEFINE_string("edit_mode", "single", "single, sequential or batch")
+flags.DEFINE_enum("edit_mode", "single", ["single", "sequential", "batch"], "how edits accumulate")
 flags.DEFINE_integer("batch_size", 1, "requests per edit with --edit_mode=batch")
-flags.DEFINE_string("evaluation", "both", "wild, synthetic or both (one pass)")
-flags.DEFINE_string("context_type", "chat_temp", "question-only, qa_inst or chat_temp (WILD)")
+flags.DEFINE_enum("evaluation", "both", ["wild", "synthetic", "both"], "evaluation type(s), one pass")
+flags.DEFINE_enum("context_type", "chat_temp", ["question-only", "qa_inst", "chat_temp"], "WILD input wrapping")
 flags.DEFINE_integer("max_new_tokens", 50, "WILD generation budget")
-flags.DEFINE_string("stop_rule", "improved", "WILD answer end: 'seed' (paper) or 'improved'")
-flags.DEFINE_string("judge", "exact_match", "exact_match or llm")
+flags.DEFINE_enum("stop_rule", "improved", ["seed", "improved"], "WILD answer end: paper's rule or ours")
+flags.DEFINE_enum("judge", "exact_match", ["exact_match", "llm"], "how WILD answers are scored")
 flags.DEFINE_string("judge_model", "gpt-4o-mini", "model name for --judge=llm")
 flags.DEFINE_string("judge_base_url", None, "OpenAI-compatible endpoint for --judge=llm (key: $OPENAI_API_KEY)")
 flags.DEFINE_string("output_dir", "out", "results directory")
@@ -46,18 +46,11 @@ def main(argv):
     from configs import get_hparams
     from mirage_jax import datasets
     from mirage_jax.editing import get_method
-    from mirage_jax.evaluation.answers import CONTEXT_TYPES
     from mirage_jax.evaluation.judge import make_judge
     from mirage_jax.evaluation.wild import WildConfig
     from mirage_jax.model import load_model
     from mirage_jax.runner import RunConfig, run
 
-    if FLAGS.context_type not in CONTEXT_TYPES:
-        raise app.UsageError(f"unknown context_type {FLAGS.context_type!r}; valid: {', '.join(CONTEXT_TYPES)}")
-    if FLAGS.dataset not in datasets.DATASET_NAMES:
-        raise app.UsageError(f"unknown dataset {FLAGS.dataset!r}; valid: {', '.join(datasets.DATASET_NAMES)}")
-    if FLAGS.stop_rule not in ("seed", "improved"):
-        raise app.UsageError(f"unknown stop_rule {FLAGS.stop_rule!r}; valid: seed, improved")
     method = get_method(FLAGS.method)
     data_path = FLAGS.data_path or str(datasets.demo_path())
     data = datasets.load_dataset(FLAGS.dataset, data_path, FLAGS.ds_size, skip_bad=FLAGS.skip_bad)

@@ -148,14 +148,19 @@ def _public(metrics: dict) -> dict:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    """Lines of a results file; a torn last line (killed mid-write) is dropped."""
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                log.warning("%s: dropping a torn line (the run was killed while writing)", path)
+    """Lines of a results file. A torn line (the run was killed while writing it) is dropped
+    and the file rewritten without it, so that appending goes on from a clean line end."""
+    if not path.exists():
+        return []
+    rows, torn = [], False
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            torn = True
+    if torn:
+        log.warning("%s: dropped a torn line (the run was killed while writing it)", path)
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return rows
 
 

@@ -51,6 +51,7 @@ def save_tiny(family: str, out: Path, seed: int = 0) -> Path:
                 p.add_(0.1 * torch.randn_like(p))
     model.eval()
     model.save_pretrained(str(out), safe_serialization=True)
+    tiny_tokenizer(TINY["vocab_size"]).save_pretrained(str(out))
     return out
 
 
