@@ -180,7 +180,7 @@ def unembed(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
     """Final norm + LM head -> float32 logits."""
     h = _norm(cfg, params["final_norm"], hidden)
     if cfg.tie_word_embeddings:
-        logits = h @ params["embed"]["embedding"].T
+        logits = jnp.einsum("btd,vd->btv", h, params["embed"]["embedding"])
     else:
         logits = _dense(params["lm_head"], h)
     return logits.astype(jnp.float32)

@@ -1,0 +1,238 @@
+"""HF checkpoint import/export: round trips through `transformers`, sharding, dtypes, bad input.
+
+Export is judged by the independent reader: what `save_hf_checkpoint` writes must load in
+`transformers.AutoModelForCausalLM` and compute what the original checkpoint computed. Every bad
+input must be one line naming the culprit, raised as a `ValueError` subclass.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mirage_jax.model import load_model
+from mirage_jax.model.checkpoint import CheckpointError, load_hf_checkpoint, params_to_hf, save_hf_checkpoint
+from mirage_jax.model.config import ConfigError
+from mirage_jax.model.transformer import forward
+from tiny import FAMILIES, save_tiny
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+def _hf_logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(ids)).logits.float().numpy()
+
+
+def _ids(vocab: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, size=(2, 9))
+
+
+def _leaves_equal(a, b) -> bool:
+    la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+    return [p for p, _ in la] == [p for p, _ in lb] and all(
+        x.dtype == y.dtype and np.array_equal(np.asarray(x), np.asarray(y)) for (_, x), (_, y) in zip(la, lb)
+    )
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny(request, tmp_path_factory):
+    path = save_tiny(request.param, tmp_path_factory.mktemp(request.param), seed=5)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    return path, ref
+
+
+# --- export round trip -------------------------------------------------------------------------
+
+
+def test_export_loads_in_transformers_with_same_logits_and_reloads_identically(tiny, tmp_path):
+    path, ref = tiny
+    cfg, params, hf_cfg = load_hf_checkpoint(path)
+    out = save_hf_checkpoint(tmp_path / "out", cfg, params, hf_cfg)
+    exported = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    ids = _ids(cfg.vocab_size)
+    assert np.abs(_hf_logits(exported, ids) - _hf_logits(ref, ids)).max() <= 1e-5
+    cfg2, params2, _ = load_hf_checkpoint(out)
+    assert cfg2 == cfg
+    assert _leaves_equal(params2, params)
+
+
+def test_sharded_export_writes_an_index_and_reloads(tiny, tmp_path):
+    path, ref = tiny
+    cfg, params, hf_cfg = load_hf_checkpoint(path)
+    out = save_hf_checkpoint(tmp_path / "sharded", cfg, params, hf_cfg, max_shard_bytes=40_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(out.glob("model-*-of-*.safetensors"))
+    assert len(shards) >= 3 and not (out / "model.safetensors").exists()
+    assert set(index["weight_map"].values()) == {s.name for s in shards}
+    assert set(index["weight_map"]) == {name for name, _ in params_to_hf(cfg, params)}
+    _, params2, _ = load_hf_checkpoint(out)
+    assert _leaves_equal(params2, params)
+    exported = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    ids = _ids(cfg.vocab_size, 1)
+    assert np.abs(_hf_logits(exported, ids) - _hf_logits(ref, ids)).max() <= 1e-5
+
+
+def test_bfloat16_load_and_export(tiny, tmp_path):
+    path, _ = tiny
+    cfg, p32, _ = load_hf_checkpoint(path)
+    cfg16, p16, hf_cfg = load_hf_checkpoint(path, dtype="bfloat16")
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(p16)} == {jnp.dtype(jnp.bfloat16)}
+    ids = _ids(cfg.vocab_size, 2)
+    l32 = np.asarray(forward(p32, cfg, ids).logits)
+    l16 = np.asarray(forward(p16, cfg16, ids).logits)
+    assert l16.dtype == np.float32
+    assert np.abs(l16 - l32).max() <= 0.05 * max(1.0, np.abs(l32).max())
+    # Exported bf16 is labelled bf16, so transformers' dtype="auto" keeps it in bf16.
+    out = save_hf_checkpoint(tmp_path / "bf16", cfg16, p16, hf_cfg)
+    written = json.loads((out / "config.json").read_text())
+    assert written["dtype"] == written["torch_dtype"] == "bfloat16"
+    exported = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype="auto")
+    assert exported.dtype == torch.bfloat16
+    _, again, _ = load_hf_checkpoint(out, dtype="bfloat16")
+    assert _leaves_equal(again, p16)
+
+
+# --- the default model -------------------------------------------------------------------------
+
+
+def test_default_model_export_loads_in_transformers(tmp_path):
+    """load_model('default').save(dir) -> an ordinary HF directory (weights, config, tokenizer)."""
+    from mirage_jax.model.gguf import default_gguf_path
+
+    try:
+        default_gguf_path()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    ours = load_model("default")
+    out = ours.save(tmp_path / "smollm2")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    # Lossless: every tensor transformers holds is bit-identical to ours (tied head shared).
+    state = hf.state_dict()
+    for name, arr in params_to_hf(ours.cfg, ours.params):
+        assert np.array_equal(state[name].numpy(), arr), name
+    text = "Danielle Darrieux's mother tongue is"
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    assert tok(text)["input_ids"] == ours.tokenizer(text)["input_ids"]
+    assert tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == (
+        ours.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    )
+    ids = np.asarray([ours.tokenizer(text)["input_ids"]])
+    mine = np.asarray(jax.jit(lambda p, t: forward(p, ours.cfg, t).logits)(ours.params, ids))
+    # Identical weights; what is left is float32 rounding order over 30 layers (XLA vs PyTorch
+    # kernels), measured at ~1.6e-4 on logits of magnitude ~27.
+    assert np.abs(mine - _hf_logits(hf, ids)).max() <= 5e-4
+    # And our own loader reads the export back (tokenizer included) to the same parameters.
+    again = load_model(out)
+    assert _leaves_equal(again.params, ours.params)
+    assert again.tokenizer(text)["input_ids"] == ids[0].tolist()
+
+
+# --- bad input: one clear line each -------------------------------------------------------------
+
+
+def _one_line(err: pytest.ExceptionInfo, *needles: str) -> str:
+    msg = str(err.value)
+    assert isinstance(err.value, ValueError)
+    assert "\n" not in msg and "Traceback" not in msg, msg
+    for needle in needles:
+        assert needle in msg, msg
+    return msg
+
+
+@pytest.fixture
+def llama_dir(tmp_path):
+    return save_tiny("llama", tmp_path / "llama", seed=6)
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(CheckpointError) as err:
+        load_hf_checkpoint(tmp_path / "nowhere")
+    _one_line(err, "nowhere", "does not exist")
+    with pytest.raises(CheckpointError) as err:
+        load_model(tmp_path / "nowhere")
+    _one_line(err, "nowhere")
+
+
+def test_directory_without_config(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError) as err:
+        load_hf_checkpoint(tmp_path / "empty")
+    _one_line(err, "config.json")
+
+
+def test_unsupported_model_type_lists_the_supported_ones(llama_dir):
+    cfg = json.loads((llama_dir / "config.json").read_text())
+    (llama_dir / "config.json").write_text(json.dumps(dict(cfg, model_type="bert")))
+    with pytest.raises(ConfigError) as err:
+        load_hf_checkpoint(llama_dir)
+    _one_line(err, "'bert'", "supported", "llama", "gpt2", "gptj", "qwen2", "mistral")
+
+
+def test_truncated_safetensors(llama_dir):
+    f = llama_dir / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError) as err:
+        load_hf_checkpoint(llama_dir)
+    _one_line(err, "model.safetensors", "not a readable safetensors file")
+
+
+def test_missing_tensor_is_named(llama_dir):
+    from safetensors.numpy import load_file, save_file
+
+    f = llama_dir / "model.safetensors"
+    tensors = load_file(str(f))
+    gone = "model.layers.1.mlp.down_proj.weight"
+    del tensors[gone]
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError) as err:
+        load_hf_checkpoint(llama_dir)
+    _one_line(err, repr(gone), "missing tensor")
+
+
+def test_missing_shard_is_named(llama_dir, tmp_path):
+    cfg, params, hf_cfg = load_hf_checkpoint(llama_dir)
+    out = save_hf_checkpoint(tmp_path / "sharded", cfg, params, hf_cfg, max_shard_bytes=40_000)
+    victim = sorted(out.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(CheckpointError) as err:
+        load_hf_checkpoint(out)
+    _one_line(err, victim.name, "missing")
+
+
+def test_pickle_weights_need_allow_pickle(llama_dir, tmp_path):
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(llama_dir), dtype=torch.float32)
+    pkl = tmp_path / "pickle_only"
+    pkl.mkdir()
+    shutil.copy(llama_dir / "config.json", pkl / "config.json")
+    torch.save(ref.state_dict(), pkl / "pytorch_model.bin")
+    with pytest.raises(CheckpointError) as err:
+        load_hf_checkpoint(pkl)
+    _one_line(err, "allow_pickle", "pickle")
+    cfg, params, _ = load_hf_checkpoint(pkl, allow_pickle=True)
+    _, expected, _ = load_hf_checkpoint(llama_dir)
+    assert _leaves_equal(params, expected)
+
+
+def test_no_weights_at_all(llama_dir):
+    (llama_dir / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError) as err:
+        load_hf_checkpoint(llama_dir)
+    _one_line(err, "no *.safetensors")
+
+
+def test_unknown_dtype(llama_dir):
+    with pytest.raises(CheckpointError) as err:
+        load_hf_checkpoint(llama_dir, dtype="float8")
+    _one_line(err, "'float8'", "bfloat16")
+    with pytest.raises(CheckpointError) as err:
+        load_model(llama_dir, dtype="int4")
+    _one_line(err, "'int4'", "float32")
