@@ -1,0 +1,248 @@
+"""MLP key second moments: the streamed, bucketed, checkpointed C equals mean(k kᵀ) computed
+directly; resume, cache, ROME files and corpus readers behave as documented."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mirage_jax.editing import stats as st
+from mirage_jax.model import load_model
+from mirage_jax.model.transformer import forward
+from tiny import save_tiny
+
+WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikipedia-vital-summaries-en.jsonl"
+MAX_LEN = 40  # < the longest documents below, so truncation is exercised
+LAYERS = (0, 1)
+JITTED_STEP = st._key_moments
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return load_model(save_tiny("llama", tmp_path_factory.mktemp("statsllama"), seed=5))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """24 documents of 0..70 words ("t<id>", the tiny tokenizer's vocabulary): width buckets 16, 32
+    and 64, truncation at MAX_LEN, an empty document, and few distinct lengths (one reference
+    compilation each)."""
+    rng = np.random.default_rng(0)
+    lengths = [0, 1, 5, 16, 17, 70, 33, 5, 50, 1, 33, 17, 16, 5, 70, 1, 33, 17, 50, 16, 5, 1, 17, 33]
+    path = tmp_path_factory.mktemp("corpus") / "toy.jsonl"
+    with open(path, "w") as f:
+        for n in lengths:
+            f.write(json.dumps({"text": " ".join(f"t{i}" for i in rng.integers(2, 128, n))}) + "\n")
+    return st.read_corpus(path)
+
+
+def direct_moments(model, texts, layers, max_len):
+    """mean(k kᵀ) in float64 over every token of every document, without padding: documents of
+    equal length run as one batch."""
+    keys = jax.jit(lambda params, ids: forward(params, model.cfg, ids, reads=tuple(("mlp_key", l) for l in layers),
+                                               stop_layer=max(layers) + 1).reads)
+    by_len: dict[int, list] = {}
+    for text in texts:
+        ids = model.tokenizer(text, truncation=True, max_length=max_len)["input_ids"]
+        by_len.setdefault(len(ids), []).append(ids)
+    by_len.pop(0, None)
+    sums = {l: 0.0 for l in layers}
+    for rows in by_len.values():
+        reads = keys(model.params, jnp.asarray(rows))
+        for l in layers:
+            k = np.asarray(reads[("mlp_key", l)], np.float64).reshape(-1, model.cfg.intermediate_size)
+            sums[l] = sums[l] + k.T @ k
+    n = sum(len(rows) * length for length, rows in by_len.items())
+    return {l: sums[l] / n for l in layers}, n
+
+
+class Counting:
+    """Stands in for the jitted step: counts calls, optionally fails after `fail_after` of them."""
+
+    def __init__(self, fail_after=None):
+        self.calls, self.fail_after = 0, fail_after
+
+    def __call__(self, *args, **kw):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise Interrupted
+        self.calls += 1
+        return JITTED_STEP(*args, **kw)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_streamed_moment_equals_direct_numpy(model, corpus):
+    n_samples = 20
+    stats = st.compute_key_stats(model, LAYERS, corpus, n_samples=n_samples, max_len=MAX_LEN, batch_tokens=64,
+                                 cache_dir=None, progress=False)
+    order = list(range(len(corpus)))
+    random.Random(1).shuffle(order)  # ROME's FixedRandomSubsetSampler(seed=1)
+    assert st.sample_indices(len(corpus), n_samples) == order[:n_samples]
+    want, n_tokens = direct_moments(model, corpus.read(order[:n_samples]), LAYERS, MAX_LEN)
+    for l in LAYERS:
+        got = stats.second_moment(l)
+        assert got.dtype == np.float32 and got.shape == (model.cfg.intermediate_size,) * 2
+        assert stats.count(l) == n_tokens
+        assert np.abs(got - want[l]).max() <= 1e-5 * np.abs(want[l]).max()
+    assert not np.allclose(stats.second_moment(0), stats.second_moment(1))
+
+
+def test_padding_and_bucketing_do_not_change_result(model, corpus):
+    one_row = st.compute_key_stats(model, LAYERS, corpus, max_len=MAX_LEN, batch_tokens=16, cache_dir=None,
+                                   progress=False)  # every batch one document
+    before = st._key_moments._cache_size()
+    wide = st.compute_key_stats(model, LAYERS, corpus, max_len=MAX_LEN, batch_tokens=2048, cache_dir=None,
+                                progress=False)  # filler rows and long pads
+    assert st._key_moments._cache_size() - before <= 3  # one program per width bucket: 16, 32, 64
+    for l in LAYERS:
+        assert one_row.count(l) == wide.count(l)
+        np.testing.assert_allclose(one_row.second_moment(l), wide.second_moment(l), rtol=1e-5,
+                                   atol=1e-6 * np.abs(wide.second_moment(l)).max())
+
+
+def test_interrupted_run_resumes_to_identical_matrix(model, corpus, tmp_path, monkeypatch):
+    kw = dict(max_len=MAX_LEN, batch_tokens=64, checkpoint_every=5, progress=False)
+    full = Counting()
+    monkeypatch.setattr(st, "_key_moments", full)
+    whole = st.compute_key_stats(model, LAYERS, corpus, cache_dir=tmp_path / "a", **kw)
+
+    monkeypatch.setattr(st, "_key_moments", Counting(fail_after=full.calls // 2))
+    with pytest.raises(Interrupted):
+        st.compute_key_stats(model, LAYERS, corpus, cache_dir=tmp_path / "b", **kw)
+    partials = sorted((tmp_path / "b").rglob("*.partial.npz"))
+    assert [p.name for p in partials] == [f"layer{l}_mom2_n24_len{MAX_LEN}.partial.npz" for l in LAYERS]
+    with np.load(partials[0]) as d:
+        assert 0 < int(d["docs_done"]) < 24 and d["sum"].dtype == np.float64
+    with pytest.raises(st.MissingStatsError):  # a partial sum is never served as a statistic
+        st.find_key_stats(model.name, LAYERS, cache_dir=tmp_path / "b")
+
+    rest = Counting()
+    monkeypatch.setattr(st, "_key_moments", rest)
+    resumed = st.compute_key_stats(model, LAYERS, corpus, cache_dir=tmp_path / "b", **kw)
+    assert 0 < rest.calls < full.calls
+    for l in LAYERS:
+        assert resumed.count(l) == whole.count(l)
+        np.testing.assert_array_equal(resumed.second_moment(l), whole.second_moment(l))
+    assert not list((tmp_path / "b").rglob("*.partial*")) and not list((tmp_path / "b").rglob("*.tmp"))
+
+
+def test_second_call_loads_from_cache(model, corpus, tmp_path, monkeypatch):
+    kw = dict(n_samples=10, max_len=MAX_LEN, batch_tokens=64, cache_dir=tmp_path, progress=False)
+    first = st.compute_key_stats(model, LAYERS, corpus, **kw)
+    path = tmp_path / model.name / f"toy_{corpus.tag}" / f"layer1_mom2_n10_len{MAX_LEN}.npz"
+    assert first.source(1) == str(path) and path.is_file()
+
+    never = Counting(fail_after=0)
+    monkeypatch.setattr(st, "_key_moments", never)
+    again = st.compute_key_stats(model, LAYERS, corpus, **kw)
+    assert never.calls == 0
+    for l in LAYERS:
+        np.testing.assert_array_equal(again.second_moment(l), first.second_moment(l))
+    # The cache file is a ROME SecondMoment npz, and the corpus-free lookup finds it.
+    c, n = st.load_rome_npz(path, expected_dim=model.cfg.intermediate_size)
+    np.testing.assert_array_equal(c, first.second_moment(1))
+    assert n == first.count(1)
+    found = st.find_key_stats(model.name, [1], cache_dir=tmp_path, n_samples=10)
+    np.testing.assert_array_equal(found.second_moment(1), first.second_moment(1))
+    with pytest.raises(st.MissingStatsError, match="python -m mirage_jax.editing.stats --model=.* --layers=5"):
+        st.find_key_stats(model.name, [5], cache_dir=tmp_path)
+
+
+def _rome_npz(path: Path, s: np.ndarray, count: int) -> Path:
+    """What ROME's layer_stats saves: CombinedStat(mom2=SecondMoment()).state_dict() + sample_size."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **{"mom2.constructor": np.array("util.runningstats.SecondMoment()"), "mom2.count": count,
+                      "mom2.mom2": s, "sample_size": 100000})
+    return path
+
+
+def test_load_rome_npz_and_wrong_shape(tmp_path):
+    x = np.random.default_rng(1).standard_normal((50, 6)).astype(np.float32)
+    path = _rome_npz(tmp_path / "f.npz", x.T @ x, 50)
+    c, n = st.load_rome_npz(path, expected_dim=6)
+    assert n == 50 and c.dtype == np.float32
+    np.testing.assert_allclose(c, (x.T @ x) / 50, rtol=1e-6)
+    with pytest.raises(st.StatsError, match=r"f\.npz: second-moment matrix has shape \(6, 6\), expected \(8, 8\)"):
+        st.load_rome_npz(path, expected_dim=8)
+    np.savez(tmp_path / "other.npz", mean=np.zeros(3))
+    with pytest.raises(st.StatsError, match=r"other\.npz: no second moment.*found \['mean'\]"):
+        st.load_rome_npz(tmp_path / "other.npz")
+    with pytest.raises(st.StatsError, match="does not exist"):
+        st.load_rome_npz(tmp_path / "absent.npz")
+
+
+def test_stats_from_rome_dir_tolerates_the_model_directory_mismatch(tmp_path, caplog):
+    s = np.eye(4, dtype=np.float32) * 3
+    for layer in (4, 5):  # where the seed's download script puts them
+        _rome_npz(tmp_path / "Llama-2-7b" / "wikipedia_stats" / st.rome_file_name(layer), s, 3)
+    with caplog.at_level(logging.WARNING):
+        stats = st.stats_from_rome_dir(tmp_path, "meta-llama/Llama-2-7b-chat", [4, 5], expected_dim=4)
+    assert "Llama-2-7b/wikipedia_stats" in stats.source(4) and "Llama-2-7b-chat" in caplog.text
+    np.testing.assert_array_equal(stats.second_moment(5), np.eye(4, dtype=np.float32))
+    # The exact directory wins over the fallback; a wrong shape names file and shapes.
+    _rome_npz(tmp_path / "Llama-2-7b-chat" / "wikipedia_stats" / st.rome_file_name(4), 2 * s, 3)
+    exact = st.stats_from_rome_dir(tmp_path, "Llama-2-7b-chat", [4])
+    assert "Llama-2-7b-chat" in exact.source(4) and exact.second_moment(4)[0, 0] == 2
+    with pytest.raises(st.StatsError, match=r"shape \(4, 4\), expected \(11008, 11008\)"):
+        st.stats_from_rome_dir(tmp_path, "Llama-2-7b-chat", [4], expected_dim=11008)
+    with pytest.raises(st.StatsError, match="no ROME statistics file"):
+        st.stats_from_rome_dir(tmp_path, "Llama-2-7b", [9])
+    via_find = st.find_key_stats("Llama-2-7b-chat", [5], cache_dir=tmp_path / "none", rome_dir=tmp_path)
+    assert via_find.count(5) == 3
+
+
+def test_corpus_readers(tmp_path):
+    text = tmp_path / "plain.txt"
+    text.write_text("\n\nfirst doc\nsecond line\n\n  \nsecond doc\n\n\n\nthird doc\n")
+    c = st.read_corpus(text)
+    assert (c.name, len(c)) == ("plain", 3)
+    assert c.read([0, 2]) == ["first doc\nsecond line", "third doc"]
+
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text(json.dumps({"body": "a b"}) + "\n\n" + json.dumps({"body": "c"}) + "\n")
+    j = st.read_corpus(jsonl, text_field="body")
+    assert len(j) == 2 and j.read([1, 0]) == ["c", "a b"]
+    with pytest.raises(st.StatsError, match=r"docs\.jsonl:1: no string field 'text' \(found \['body'\]\)"):
+        st.read_corpus(jsonl).read([0])
+
+    folder = tmp_path / "folder"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "b.txt").write_text("bee")
+    (folder / "sub" / "a.txt").write_text("ay")
+    (folder / "notes.md").write_text("ignored")
+    d = st.read_corpus(folder)
+    assert (d.name, len(d), d.read([0, 1])) == ("folder", 2, ["bee", "ay"])  # sorted paths: b.txt < sub/a.txt
+    tag = d.tag
+    (folder / "b.txt").write_text("bee!")
+    assert st.read_corpus(folder).tag != tag  # edited corpus -> another cache directory
+
+    with pytest.raises(st.StatsError, match=r"corpus .*missing\.jsonl: does not exist"):
+        st.read_corpus(tmp_path / "missing.jsonl")
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(st.StatsError, match=r"corpus .*empty\.txt.*no documents"):
+        st.read_corpus(tmp_path / "empty.txt")
+    with pytest.raises(st.StatsError, match=r"corpus nothing: contains no documents"):
+        st.corpus_from_texts("nothing", [])
+
+
+@pytest.mark.skipif(not WIKI.exists(), reason="../shared/data not present")
+def test_wikipedia_corpus_quick_run(model, tmp_path):
+    wiki = st.read_corpus(WIKI)
+    assert len(wiki) == 10033 and wiki.name == "wikipedia-vital-summaries-en"
+    stats = st.compute_key_stats(model, [1], wiki, n_samples=3, max_len=32, batch_tokens=64,
+                                 cache_dir=tmp_path, progress=False)
+    docs = wiki.read(st.sample_indices(len(wiki), 3))
+    assert all(isinstance(t, str) and t for t in docs)
+    assert stats.count(1) == sum(len(model.tokenizer(t, truncation=True, max_length=32)["input_ids"]) for t in docs)
+    c = stats.second_moment(1)
+    assert np.isfinite(c).all() and np.allclose(c, c.T) and (np.diag(c) >= 0).all()
+    assert Path(stats.source(1)).parent.name == f"wikipedia-vital-summaries-en_{wiki.tag}"
