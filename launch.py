@@ -16,7 +16,7 @@ import sys
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("method", "FT-M", "editing method (FT-L, FT-M; more as they land)")
+flags.DEFINE_string("method", "FT-M", "FT-L, FT-M, ROME, R-ROME, MEMIT or AlphaEdit")
 flags.DEFINE_string("model", "default", "'default', an HF checkpoint directory or a .gguf file")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "parameter dtype")
 flags.DEFINE_bool("allow_pickle", False, "allow pickle *.bin checkpoints (they can run code when loaded)")
@@ -36,6 +36,9 @@ flags.DEFINE_string("judge_base_url", None, "OpenAI-compatible endpoint for --ju
 flags.DEFINE_string("output_dir", "out", "results directory")
 flags.DEFINE_bool("resume", False, "continue a killed run with the same settings")
 flags.DEFINE_multi_string("hp", [], "hyper-parameter override key=value (repeatable)")
+flags.DEFINE_string("stats_dir", "stats", "cache of MLP key statistics (MEMIT, AlphaEdit, ROME+mom2)")
+flags.DEFINE_string("rome_stats_dir", None, "ROME/EasyEdit stats directory (<dir>/<model>/wikipedia_stats/*.npz)")
+flags.DEFINE_string("stats_corpus", None, "text/JSONL/folder corpus: compute missing statistics from it (resumable)")
 flags.DEFINE_string("hparams_for", None, "borrow the configs/ entry of this model key")
 
 
@@ -67,7 +70,19 @@ def main(argv):
     )
     judge = make_judge(FLAGS.judge, FLAGS.judge_model, FLAGS.judge_base_url,
                        cache_path=f"{FLAGS.output_dir}/judge_cache.jsonl")
-    summary = run(model, list(data.requests), method, hp, rc, judge)
+    stats = None
+    if method.needs_stats(hp):
+        from mirage_jax.editing import stats as key_stats
+
+        n = getattr(hp, "mom2_n_samples", key_stats.DEFAULT_N_SAMPLES)
+        if FLAGS.stats_corpus:
+            stats = key_stats.compute_key_stats(model, hp.layers, FLAGS.stats_corpus, n_samples=n,
+                                                cache_dir=FLAGS.stats_dir)
+        else:
+            stats = key_stats.find_key_stats(model.name, hp.layers, cache_dir=FLAGS.stats_dir,
+                                             rome_dir=FLAGS.rome_stats_dir,
+                                             expected_dim=model.cfg.intermediate_size, model_arg=FLAGS.model)
+    summary = run(model, list(data.requests), method, hp, rc, judge, stats=stats)
     print(json.dumps({k: summary[k] for k in ("run", "n_samples", "pre", "post")}, indent=2))
 
 

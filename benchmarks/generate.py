@@ -32,6 +32,8 @@ from pathlib import Path
 
 from absl import app, flags
 
+from common import LLAMA2_7B, random_llama_params
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "default", "'default', an HF checkpoint directory or a .gguf file")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
@@ -57,11 +59,6 @@ FALLBACK_QUESTIONS = [
     "How many bones are in the adult human body?", "Which element has the chemical symbol Fe?",
 ]
 
-# Llama-2-7B (meta-llama/Llama-2-7b-hf config.json).
-LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
-                 num_kv_heads=32, head_dim=128, max_position_embeddings=4096, norm_eps=1e-5, rope_theta=10000.0)
-
-
 @functools.cache
 def _question_pool() -> tuple[str, ...]:
     if QAEDIT.exists():
@@ -76,35 +73,6 @@ def questions(n: int) -> list[str]:
     """`n` realistic prompts: QAEdit questions (NQ/TQA/SQA) when the shared data is there."""
     qs = _question_pool()
     return [f"Question: {qs[i % len(qs)]}\nAnswer:" for i in range(n)]
-
-
-def random_llama_params(cfg, seed: int = 0, dtype=None):
-    """Parameter pytree of a Llama model (our layout, see model/transformer.py), N(0, 0.02) weights
-    and unit norm scales, drawn leaf by leaf on the device in `dtype` (no float32 copy)."""
-    import jax
-    import jax.numpy as jnp
-
-    dtype = dtype or jnp.bfloat16
-    d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    hq, hk = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    keys = iter(jax.random.split(jax.random.PRNGKey(seed), 4 + 7 * cfg.num_layers))
-    normal = jax.jit(lambda k, shape: (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype),
-                     static_argnums=1)  # fused: the float32 draw never materialises in full
-
-    def dense(shape):
-        return {"kernel": normal(next(keys), shape)}
-
-    def ones():
-        return {"scale": jnp.ones((d,), dtype)}
-
-    layers = [
-        {"attn_norm": ones(), "mlp_norm": ones(),
-         "attn": {"q": dense((d, hq)), "k": dense((d, hk)), "v": dense((d, hk)), "o": dense((hq, d))},
-         "mlp": {"gate": dense((d, f)), "up": dense((d, f)), "down": dense((f, d))}}
-        for _ in range(cfg.num_layers)
-    ]
-    return {"embed": {"embedding": normal(next(keys), (v, d))}, "layers": layers, "final_norm": ones(),
-            "lm_head": dense((d, v))}
 
 
 def load_ours(dtype: str):

@@ -10,10 +10,11 @@ import dataclasses
 import json
 from typing import Any, Sequence
 
-from configs import ft
+from configs import ft, memit, rome
 
 # method -> {model key -> hparams}; keys are matched as substrings of the lower-cased model name.
-TABLES: dict[str, dict[str, Any]] = {"FT-M": ft.FT_M, "FT-L": ft.FT_L}
+TABLES: dict[str, dict[str, Any]] = {"FT-M": ft.FT_M, "FT-L": ft.FT_L, "ROME": rome.ROME, "R-ROME": rome.R_ROME,
+                                  "MEMIT": memit.MEMIT, "AlphaEdit": memit.ALPHAEDIT}
 DEFAULT_KEY = "smollm2-135m"  # the embedded default model
 
 

@@ -203,11 +203,14 @@ def _record(r: EditRequest, pre: dict, post: dict, info: dict) -> dict:
             "post": _public(post), "edit": info}
 
 
-def _safe_edit(method: EditMethod, model: Any, params: Any, reqs: Sequence[EditRequest], hp: Any):
-    """Apply one edit; a bad request becomes an error record instead of ending the run."""
+def _safe_edit(method: EditMethod, model: Any, params: Any, reqs: Sequence[EditRequest], hp: Any,
+               **ctx: Any):
+    """Apply one edit; a bad request becomes an error record instead of ending the run.
+    `ctx` (stats, state) is passed on where set."""
     t0 = time.perf_counter()
     try:
-        new, info = method.apply(params, model.cfg, model.tokenizer, reqs, hp)
+        new, info = method.apply(params, model.cfg, model.tokenizer, reqs, hp,
+                                 **{k: v for k, v in ctx.items() if v is not None})
     except ValueError as err:  # method-level input errors (subject missing, empty target...)
         ids = ", ".join(str(r.case_id) for r in reqs)
         log.warning("case %s: edit failed, skipped: %s", ids, err)
@@ -218,8 +221,11 @@ def _safe_edit(method: EditMethod, model: Any, params: Any, reqs: Sequence[EditR
 
 
 def run(model: Any, requests: Sequence[EditRequest], method: EditMethod, hp: Any, rc: RunConfig,
-        judge: Judge) -> dict:
-    """Run the experiment, streaming results; returns the summary (also written to disk)."""
+        judge: Judge, stats: Any = None) -> dict:
+    """Run the experiment, streaming results; returns the summary (also written to disk).
+
+    `stats`: key statistics for the methods that need them. In sequential / batch mode a
+    method's `info["state"]` is handed to its next edit (AlphaEdit's accumulated keys)."""
     if rc.edit_mode == "batch" and not method.batchable:
         raise RunError(f"method {method.name} cannot batch-edit; use --edit_mode=single or sequential")
     out_dir = Path(rc.output_dir)
@@ -232,15 +238,17 @@ def run(model: Any, requests: Sequence[EditRequest], method: EditMethod, hp: Any
     todo = [r for r in requests if r.case_id not in finished]
     if rc.edit_mode == "single":
         for r in tqdm(todo, desc=f"{method.name} single"):
-            new, info = _safe_edit(method, model, model.params, [r], hp)
+            new, info = _safe_edit(method, model, model.params, [r], hp, stats=stats)
+            info.pop("state", None)
             post = {} if "error" in info else evaluate(model, new, [r], rc, judge, [pre[r.case_id]])[0]
             _append(results, _record(r, pre[r.case_id], post, info))
     elif todo:
-        params, infos = model.params, {}
+        params, infos, state = model.params, {}, None
         step = 1 if rc.edit_mode == "sequential" else rc.batch_size
         chunks = [requests[s : s + step] for s in range(0, len(requests), step)]
         for chunk in tqdm(chunks, desc=f"{method.name} {rc.edit_mode} edits"):  # all edits, resumed or not
-            params, info = _safe_edit(method, model, params, chunk, hp)
+            params, info = _safe_edit(method, model, params, chunk, hp, stats=stats, state=state)
+            state = info.pop("state", state)
             infos.update({r.case_id: info for r in chunk})
         for s in tqdm(range(0, len(todo), rc.eval_batch), desc="post-edit eval"):
             chunk = todo[s : s + rc.eval_batch]

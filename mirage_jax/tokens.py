@@ -40,19 +40,28 @@ class TokenBatch:
     n_rows: int  # real rows (the rest is padding up to the batch bucket)
 
 
+def encode_prompt_target(tokenizer: Any, prompt: str, target: str | None, add_special_tokens: bool = True):
+    """Token ids of prompt (+ " " + target), their character offsets in that text, and how many
+    tokens belong to the prompt. `target=None` encodes the prompt alone (all tokens are prompt)."""
+    if target is not None and not target.strip():
+        raise EditInputError(f"empty target for prompt {prompt!r}")
+    text = prompt if target is None else join_target(prompt, target)
+    enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    # First token that starts at/after the end of the prompt (special tokens have (0, 0)).
+    n_prompt = next((i for i, (s, e) in enumerate(offsets) if e > s and s >= len(prompt)), len(ids))
+    if target is not None and n_prompt == len(ids):
+        raise EditInputError(f"target {target!r} produced no tokens after prompt {prompt!r}")
+    if n_prompt == 0:
+        raise EditInputError(f"prompt {prompt!r} produced no tokens")
+    return ids, offsets, n_prompt
+
+
 def split_prompt_target(tokenizer: Any, prompt: str, target: str, add_special_tokens: bool = True):
     """Token ids of prompt+target and how many of them belong to the prompt."""
     if not target or not target.strip():
         raise EditInputError(f"empty target for prompt {prompt!r}")
-    text = join_target(prompt, target)
-    enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
-    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
-    # First token that starts at/after the end of the prompt (special tokens have (0, 0)).
-    n_prompt = next((i for i, (s, e) in enumerate(offsets) if e > s and s >= len(prompt)), len(ids))
-    if n_prompt == len(ids):
-        raise EditInputError(f"target {target!r} produced no tokens after prompt {prompt!r}")
-    if n_prompt == 0:
-        raise EditInputError(f"prompt {prompt!r} produced no tokens")
+    ids, _, n_prompt = encode_prompt_target(tokenizer, prompt, target, add_special_tokens)
     return ids, n_prompt
 
 
