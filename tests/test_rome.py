@@ -245,3 +245,10 @@ def test_rome_edits_take_on_the_default_model(default_model):
     assert np.mean(acc) >= 0.9, (acc, info["edits"])
     after = generate(m.with_params(params), [loc_prompt], max_new_tokens=10)[0].ids
     assert np.mean(np.asarray(before) == np.asarray(after)) >= 0.7, (before, after)
+    # WILD: the edited model, asked freely, says the new target for most edit prompts.
+    from mirage_jax.evaluation.wild import WildConfig, wild_answers
+
+    answers = wild_answers(params, m.cfg, m.tokenizer, [r.prompt for r in reqs],
+                           WildConfig(context_type="qa_inst", max_new_tokens=24))
+    said = [r.target_new.lower() in a.answer.lower() for r, a in zip(reqs, answers)]
+    assert sum(said) >= 2, [(r.target_new, a.answer) for r, a in zip(reqs, answers)]
