@@ -77,60 +77,71 @@ class RunConfig:
 # --- evaluation of a set of requests on one pytree --------------------------------------------
 
 
-def _questions(r: EditRequest) -> list[str]:
-    return [r.prompt] + ([r.rephrase] if r.rephrase else []) + [p.prompt for p in r.locality]
+def _scored(reqs: Sequence[EditRequest]) -> list[tuple[int, str, str]]:
+    """(request index, metric prefix, question) for reliability and generalisation."""
+    return [(i, key, q) for i, r in enumerate(reqs)
+            for key, q in (("rewrite", r.prompt), ("rephrase", r.rephrase)) if q]
+
+
+def _by_request(n: int, pairs: Iterable[tuple[int, Any]]) -> list[list[Any]]:
+    grouped: list[list[Any]] = [[] for _ in range(n)]
+    for i, value in pairs:
+        grouped[i].append(value)
+    return grouped
+
+
+def _evaluate_wild(model, params, reqs, rc, judge, pre) -> list[dict]:
+    scored = _scored(reqs)
+    locs = [(i, p.prompt) for i, r in enumerate(reqs) for p in r.locality]
+    answers = wild.wild_answers(params, model.cfg, model.tokenizer,
+                                [q for *_, q in scored] + [q for _, q in locs], rc.wild)
+    out = [dict() for _ in reqs]
+    for (i, key, _), a in zip(scored, answers):
+        out[i].update({f"{key}_gen_content": a.answer, f"{key}_raw": a.raw})
+    verdicts = judge.judge_many([JudgeItem(q, reqs[i].target_new, a.answer) for (i, _, q), a in zip(scored, answers)])
+    for (i, key, _), verdict in zip(scored, verdicts):
+        out[i][f"{key}_acc"] = verdict
+    loc_answers = _by_request(len(reqs), zip((i for i, _ in locs), answers[len(scored):]))
+    for i, loc in enumerate(loc_answers):
+        out[i]["_loc"] = [dataclasses.asdict(a) for a in loc]
+        if pre is not None:
+            before = [wild.WildAnswer(tuple(a["ids"]), a["raw"], a["answer"]) for a in pre[i]["wild"]["_loc"]]
+            same = [wild.locality_same_generation(b, a) for b, a in zip(before, loc)]
+            same_ans = [wild.locality_same_answer(b, a) for b, a in zip(before, loc)]
+            out[i]["locality"] = {"neighborhood_acc": _mean(same), "answer_acc": _mean(same_ans),
+                                  "per_pair": same, "gen_content": [a.answer for a in loc]}
+    return out
+
+
+def _evaluate_synthetic(model, params, reqs, rc, pre) -> list[dict]:
+    cfg, tok = model.cfg, model.tokenizer
+    scored = _scored(reqs)
+    accs = synthetic.token_accuracy(params, cfg, tok, [q for *_, q in scored], [reqs[i].target_new for i, *_ in scored])
+    out = [dict() for _ in reqs]
+    for (i, key, _), acc in zip(scored, accs):
+        out[i][f"{key}_acc"] = acc
+    pairs = [(i, p) for i, r in enumerate(reqs) for p in r.locality]
+    preds = synthetic.predicted_target_tokens(params, cfg, tok, [p.prompt for _, p in pairs],
+                                              [p.answer for _, p in pairs]) if pairs else []
+    for i, loc in enumerate(_by_request(len(reqs), ((i, pred.tolist()) for (i, _), (pred, _) in zip(pairs, preds)))):
+        out[i]["_loc"] = loc
+        if pre is not None:
+            agree = synthetic.locality_agreement(pre[i]["synthetic"]["_loc"], loc)
+            out[i]["locality"] = {"neighborhood_acc": _mean(agree), "per_pair": agree}
+    return out
 
 
 def evaluate(model: Any, params: Any, reqs: Sequence[EditRequest], rc: RunConfig, judge: Judge,
              pre: Sequence[dict] | None = None) -> list[dict]:
-    """Metrics of each request on `params`; with `pre`, locality against the pre-edit outputs."""
+    """Metrics of each request on `params`, per evaluation type; with `pre` (the pre-edit
+    metrics of the same requests), locality against the pre-edit outputs."""
     out = [dict() for _ in reqs]
-    cfg, tok = model.cfg, model.tokenizer
     if "wild" in rc.kinds:
-        qs = [_questions(r) for r in reqs]
-        answers = wild.wild_answers(params, cfg, tok, [q for qq in qs for q in qq], rc.wild)
-        items, where, k = [], [], 0
-        for i, (r, qq) in enumerate(zip(reqs, qs)):
-            ans = answers[k : k + len(qq)]
-            k += len(qq)
-            w = {"rewrite_gen_content": ans[0].answer, "rewrite_raw": ans[0].raw}
-            items.append(JudgeItem(r.prompt, r.target_new, ans[0].answer)); where.append((i, "rewrite_acc"))
-            if r.rephrase:
-                w.update(rephrase_gen_content=ans[1].answer, rephrase_raw=ans[1].raw)
-                items.append(JudgeItem(r.rephrase, r.target_new, ans[1].answer)); where.append((i, "rephrase_acc"))
-            loc = ans[1 + bool(r.rephrase):]
-            w["_loc"] = [dataclasses.asdict(a) for a in loc]
-            if pre is not None:
-                before = [wild.WildAnswer(tuple(a["ids"]), a["raw"], a["answer"]) for a in pre[i]["wild"]["_loc"]]
-                same = [wild.locality_same_generation(b, a) for b, a in zip(before, loc)]
-                same_ans = [wild.locality_same_answer(b, a) for b, a in zip(before, loc)]
-                w["locality"] = {"neighborhood_acc": _mean(same), "answer_acc": _mean(same_ans),
-                                 "per_pair": same, "gen_content": [a.answer for a in loc]}
-            out[i]["wild"] = w
-        for (i, key), verdict in zip(where, judge.judge_many(items)):
-            out[i]["wild"][key] = verdict
+        for o, w in zip(out, _evaluate_wild(model, params, reqs, rc, judge, pre)):
+            o["wild"] = w
     if "synthetic" in rc.kinds:
-        prompts, targets, where = [], [], []
-        for i, r in enumerate(reqs):
-            for key, p in (("rewrite_acc", r.prompt), ("rephrase_acc", r.rephrase)):
-                if p:
-                    prompts.append(p); targets.append(r.target_new); where.append((i, key))
-        accs = synthetic.token_accuracy(params, cfg, tok, prompts, targets)
-        for i in range(len(reqs)):
-            out[i]["synthetic"] = {}
-        for (i, key), a in zip(where, accs):
-            out[i]["synthetic"][key] = a
-        loc_pairs = [(i, p) for i, r in enumerate(reqs) for p in r.locality]
-        preds = synthetic.predicted_target_tokens(params, cfg, tok, [p.prompt for _, p in loc_pairs],
-                                                  [p.answer for _, p in loc_pairs]) if loc_pairs else []
-        per: dict[int, list] = {i: [] for i in range(len(reqs))}
-        for (i, _), (pred, _) in zip(loc_pairs, preds):
-            per[i].append(pred.tolist())
-        for i in range(len(reqs)):
-            out[i]["synthetic"]["_loc"] = per[i]
-            if pre is not None:
-                agree = synthetic.locality_agreement(pre[i]["synthetic"]["_loc"], per[i])
-                out[i]["synthetic"]["locality"] = {"neighborhood_acc": _mean(agree), "per_pair": agree}
+        for o, s in zip(out, _evaluate_synthetic(model, params, reqs, rc, pre)):
+            o["synthetic"] = s
     return out
 
 
