@@ -40,12 +40,6 @@ class Generation:
     stopped_by: str  # 'eos', 'stop' (string / stop rule) or 'length'
 
 
-def _donate() -> tuple[int, ...]:
-    # Buffer donation lets XLA update the cache in place on GPU/TPU; the CPU backend ignores it
-    # with a warning, so only ask for it where it helps.
-    return (2,) if jax.default_backend() != "cpu" else ()
-
-
 @functools.partial(jax.jit, static_argnums=(1,))
 def _prefill(params, cfg: ModelConfig, tokens, mask, cache):
     out = forward(params, cfg, tokens, attn_mask=mask, cache=cache, cache_index=0)
@@ -75,16 +69,13 @@ def _decode_impl(params, cfg: ModelConfig, cache, state, limit, stop_ids):
 
 
 _decode = jax.jit(_decode_impl, static_argnums=(1,))
-_decode_donated = None
+# Donating the cache lets XLA update it in place on GPU/TPU; the CPU backend ignores donation
+# with a warning, so the donating variant is only used off-CPU.
+_decode_donating = jax.jit(_decode_impl, static_argnums=(1,), donate_argnums=(2,))
 
 
 def _decode_fn():
-    global _decode_donated
-    if not _donate():
-        return _decode
-    if _decode_donated is None:
-        _decode_donated = jax.jit(_decode_impl, static_argnums=(1,), donate_argnums=(2,))
-    return _decode_donated
+    return _decode if jax.default_backend() == "cpu" else _decode_donating
 
 
 def _first_stop(tokenizer, ids: list[int], stop_strings: Sequence[str], stop_fn: StopFn | None) -> int | None:
