@@ -10,11 +10,11 @@ import dataclasses
 import json
 from typing import Any, Sequence
 
-from configs import ft, memit, rome
+from configs import ft, memit, mend, rome
 
 # method -> {model key -> hparams}; keys are matched as substrings of the lower-cased model name.
 TABLES: dict[str, dict[str, Any]] = {"FT-M": ft.FT_M, "FT-L": ft.FT_L, "ROME": rome.ROME, "R-ROME": rome.R_ROME,
-                                  "MEMIT": memit.MEMIT, "AlphaEdit": memit.ALPHAEDIT}
+                                  "MEMIT": memit.MEMIT, "AlphaEdit": memit.ALPHAEDIT, "MEND": mend.MEND}
 DEFAULT_KEY = "smollm2-135m"  # the embedded default model
 
 

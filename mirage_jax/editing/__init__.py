@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 
 from mirage_jax.editing.ft import FTConfig, ft_edit
 from mirage_jax.editing.memit import MEMITConfig, memit_edit
+from mirage_jax.editing.mend import MENDConfig, mend_edit
 from mirage_jax.editing.rome import ROMEConfig, rome_edit
 
 EditFn = Callable[..., tuple[Any, dict]]
@@ -31,6 +32,10 @@ class EditMethod:
 
 def _ft(params, cfg, tokenizer, requests, hp: FTConfig):
     return ft_edit(params, cfg, tokenizer, [r.prompt for r in requests], [r.target_new for r in requests], hp)
+
+
+def _mend(params, cfg, tokenizer, requests, hp: MENDConfig, stats=None, state=None):
+    return mend_edit(params, cfg, tokenizer, requests, hp)
 
 
 def _rome_as(variant: str) -> EditFn:
@@ -57,6 +62,8 @@ METHODS: dict[str, EditMethod] = {
     "R-ROME": EditMethod("R-ROME", ROMEConfig, _rome_as("r-rome"), False, lambda hp: hp.mom2_adjustment),
     "MEMIT": EditMethod("MEMIT", MEMITConfig, _memit_as("memit"), True, lambda hp: True),
     "AlphaEdit": EditMethod("AlphaEdit", MEMITConfig, _memit_as("alphaedit"), True, lambda hp: True),
+    # Untrained (hp.archive None): one SGD step of edit_lr on the inner matrices.
+    "MEND": EditMethod("MEND", MENDConfig, _mend, batchable=True),
 }
 
 

@@ -23,7 +23,8 @@ Hooks are arguments, not global state (the penzai habit):
 - ``start_layer`` + ``hidden``: run the stack from layer ``start_layer`` given the hidden state
   entering it, so an optimisation at layer L never recomputes the layers below L.
 
-Sites: ``layer_in`` (residual entering the layer), ``mlp_key`` (input of the MLP down
+Sites: ``layer_in`` (residual entering the layer), ``mlp_in`` (normed MLP input, the input of the
+gate/up projections; MEND's x), ``mlp_key`` (input of the MLP down
 projection, the ROME/MEMIT key k), ``mlp_out`` (MLP output, the ROME value), ``residual``
 (hidden state leaving the layer, MEMIT's z).
 """
@@ -40,7 +41,7 @@ from mirage_jax.model.config import ModelConfig, rope_inv_freq
 
 Params = Mapping[str, Any]
 Site = tuple[str, int]
-SITES = ("layer_in", "mlp_key", "mlp_out", "residual")
+SITES = ("layer_in", "mlp_in", "mlp_key", "mlp_out", "residual")
 
 
 class KVCache(NamedTuple):
@@ -157,7 +158,7 @@ def _layer(cfg, p, x, positions, key_mask, cache_kv, cache_index, layer, reads, 
     x = hook("layer_in", x)
     h = _norm(cfg, p["attn_norm"], x)
     attn, new_kv = _attention(cfg, p["attn"], h, positions, key_mask, cache_kv, cache_index)
-    mlp_in = h if cfg.parallel_residual else _norm(cfg, p["mlp_norm"], x + attn)
+    mlp_in = hook("mlp_in", h if cfg.parallel_residual else _norm(cfg, p["mlp_norm"], x + attn))
     m = p["mlp"]
     if cfg.gated_mlp:
         key = _act(cfg, _dense(m["gate"], mlp_in)) * _dense(m["up"], mlp_in)

@@ -1,0 +1,150 @@
+"""MEND against its definition: the per-token factors of the gradient, the identity editor as one
+SGD step, meta-training that helps, and a checkpoint round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mirage_jax.editing.mend import (MENDConfig, inner_kernels, load_editor, make_editor, mend_edit, post_edit_nll,
+                                     replace_kernels, save_editor, target_nll, token_pairs, train_mend)
+from mirage_jax.model import load_model
+from mirage_jax.model.transformer import forward
+from mirage_jax.tokens import make_batch
+from tiny import save_tiny
+
+PROMPTS, TARGETS = ["t10 t11 t12", "t20 t21"], ["t50 t51", "t60"]
+INNER = ((0, "gate"), (1, "up"), (1, "down"), (1, "gate"))
+HP = MENDConfig(inner_params=INNER, rank=16, edit_lr=1e-2)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return load_model(save_tiny("llama", tmp_path_factory.mktemp("mend"), seed=7))
+
+
+def _batch(tiny, prompts=PROMPTS, targets=TARGETS):
+    b = make_batch(tiny.tokenizer, prompts, targets)
+    return jnp.asarray(b.tokens), jnp.asarray(b.attn_mask), jnp.asarray(b.target_mask)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    """(loss, ∂loss/∂inner kernels) by plain autodiff through the kernels, jitted once."""
+    tokens, attn, tmask = _batch(tiny)
+
+    def f(kernels):
+        p = replace_kernels(tiny.params, kernels)
+        return target_nll(forward(p, tiny.cfg, tokens, attn_mask=attn).logits, tokens, tmask)
+
+    return jax.jit(jax.value_and_grad(f))(inner_kernels(tiny.params, INNER))
+
+
+def test_token_pairs_outer_products_sum_to_the_kernel_gradient(tiny, reference):
+    tokens, attn, tmask = _batch(tiny)
+    pairs_fn = jax.jit(token_pairs, static_argnames=("cfg", "inner"))
+    loss, pairs = pairs_fn(tiny.params, tiny.cfg, INNER, tokens, attn, tmask)
+    want_loss, want = reference
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    for k in INNER:
+        x, d = pairs[k]
+        got = jnp.einsum("bti,bto->io", x, d)
+        assert float(jnp.abs(want[k]).max()) > 0
+        np.testing.assert_allclose(got, want[k], rtol=1e-4, atol=1e-7)
+    # Pad positions carry no gradient (their keys are masked out of attention).
+    assert float(jnp.abs(pairs[(1, "down")][1] * (1 - attn[..., None])).max()) == 0.0
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_untrained_editor_is_one_sgd_step(tiny, reference, norm):
+    hp = dataclasses.replace(HP, norm=norm)  # norm on but no statistics yet is the identity too
+    reqs = [SimpleNamespace(prompt=p, target_new=t) for p, t in zip(PROMPTS, TARGETS)]
+    new, info = mend_edit(tiny.params, tiny.cfg, tiny.tokenizer, reqs, hp)
+    tokens, attn, tmask = _batch(tiny)
+    g = reference[1]
+    got = inner_kernels(new, INNER)
+    for k, w in inner_kernels(tiny.params, INNER).items():
+        np.testing.assert_allclose(got[k], w - hp.edit_lr * g[k], rtol=1e-5, atol=1e-8)
+    # Nothing else moved.
+    edited = {f"[{l}]['mlp']['{n}']['kernel']" for l, n in INNER}
+    for path, a in jax.tree_util.tree_leaves_with_path(tiny.params):
+        b = new
+        for key in path:
+            b = b[key.key if hasattr(key, "key") else key.idx]
+        if not any(jax.tree_util.keystr(path).endswith(e) for e in edited):
+            assert a is b or np.array_equal(a, b), jax.tree_util.keystr(path)
+    # The edit lowers the loss it was computed from (a descent step).
+    after = target_nll(forward(new, tiny.cfg, tokens, attn_mask=attn).logits, tokens, tmask)
+    assert float(after) < info["loss"]
+
+
+def _synthetic(n, seed):
+    rng = np.random.default_rng(seed)
+    w = lambda k: " ".join(f"t{i}" for i in rng.integers(2, 128, k))  # noqa: E731
+    return [(w(3), w(1)) for _ in range(n)]
+
+
+def test_meta_training_lowers_validation_edit_loss(tiny):
+    hp = dataclasses.replace(HP, edit_lr=1e-3, lr=1e-3, lr_lr=1e-2, accumulate=2, cedit=1.0, cloc=1.0)
+    train, val, loc = _synthetic(12, 0), _synthetic(4, 1), _synthetic(8, 2)
+    before = post_edit_nll(tiny.params, tiny.cfg, tiny.tokenizer, val, hp)
+    editor, log = train_mend(tiny.params, tiny.cfg, tiny.tokenizer, train, loc, hp, steps=30)
+    after = post_edit_nll(tiny.params, tiny.cfg, tiny.tokenizer, val, hp, editor)
+    assert all(np.isfinite(r["loss"]) for r in log)
+    assert float(editor["norm_stats"]["g_64x96"]["count"]) > 0  # running statistics were collected
+    assert after < before - 0.3, (before, after)  # measured: 4.79 -> 3.77
+
+
+def test_checkpoint_round_trip(tiny, tmp_path):
+    _, variables = make_editor(tiny.cfg, tiny.params, HP)
+    variables = jax.tree_util.tree_map(lambda a: a + 0.01 * jnp.arange(a.size, dtype=a.dtype).reshape(a.shape),
+                                       variables)
+    save_editor(str(tmp_path / "editor"), variables)
+    back = load_editor(str(tmp_path / "editor"), make_editor(tiny.cfg, tiny.params, HP)[1])
+    la, lb = jax.tree_util.tree_leaves_with_path(variables), jax.tree_util.tree_leaves_with_path(back)
+    assert [p for p, _ in la] == [p for p, _ in lb]
+    for (_, a), (_, b) in zip(la, lb):
+        np.testing.assert_array_equal(a, b)
+    # `hp.archive` is how the runner picks a trained editor up.
+    reqs = [SimpleNamespace(prompt=PROMPTS[0], target_new=TARGETS[0])]
+    via_archive, info = mend_edit(tiny.params, tiny.cfg, tiny.tokenizer, reqs,
+                                  dataclasses.replace(HP, archive=str(tmp_path / "editor")))
+    direct, _ = mend_edit(tiny.params, tiny.cfg, tiny.tokenizer, reqs, HP, variables)
+    assert info["trained_editor"]
+    for k, w in inner_kernels(direct, INNER).items():
+        np.testing.assert_array_equal(inner_kernels(via_archive, INNER)[k], w)
+
+
+def test_bad_inner_param_is_a_clear_error(tiny):
+    with pytest.raises(ValueError, match="layer 5 out of range"):
+        make_editor(tiny.cfg, tiny.params, dataclasses.replace(HP, inner_params=((5, "up"),)))
+    with pytest.raises(ValueError, match="not in this model"):
+        make_editor(tiny.cfg, tiny.params, dataclasses.replace(HP, inner_params=((1, "fc"),)))
+
+
+def test_registered_method_runs_end_to_end_in_the_runner(tiny, tmp_path):
+    import json
+
+    from configs import get_hparams
+    from mirage_jax import datasets
+    from mirage_jax.editing import METHODS
+    from mirage_jax.evaluation.judge import ExactMatchJudge
+    from mirage_jax.runner import RunConfig, run
+
+    recs = [{"prompt": f"t{10 + i} t{11 + i} t5", "subject": f"t{11 + i}", "target": f"t{40 + i}",
+             "rephrase": f"t{11 + i} t{10 + i}", "locality": [{"loc": "t99 t98", "loc_ans": "t97"}]} for i in range(2)]
+    data = tmp_path / "edits.json"
+    data.write_text(json.dumps(recs))
+    reqs = list(datasets.load_qaedit(data).requests)
+    assert get_hparams("MEND", "llama-2-7b").inner_params[0] == (29, "gate")  # the paper's table entry
+    rc = RunConfig(method="MEND", model_name="tiny", dataset="qaedit", data_path=str(data), edit_mode="batch",
+                   batch_size=2, evaluation="synthetic", output_dir=str(tmp_path / "out"))
+    summary = run(tiny, reqs, METHODS["MEND"], HP, rc, ExactMatchJudge())
+    rows = [json.loads(x) for x in (tmp_path / "out" / f"{rc.run_name}.jsonl").read_text().splitlines()]
+    assert [r["case_id"] for r in rows] == [0, 1] and "error" not in rows[0]["edit"]
+    assert "rewrite_acc" in summary["post"]["synthetic"]
