@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mirage_jax.editing.common import replace_mlp_kernels
 from mirage_jax.editing.mend import (MENDConfig, inner_kernels, load_editor, make_editor, mend_edit, post_edit_nll,
-                                     replace_kernels, save_editor, target_nll, token_pairs, train_mend)
+                                     save_editor, target_nll, token_pairs, train_mend)
 from mirage_jax.model import load_model
 from mirage_jax.model.transformer import forward
 from mirage_jax.tokens import make_batch
@@ -39,7 +40,7 @@ def reference(tiny):
     tokens, attn, tmask = _batch(tiny)
 
     def f(kernels):
-        p = replace_kernels(tiny.params, kernels)
+        p = replace_mlp_kernels(tiny.params, kernels)
         return target_nll(forward(p, tiny.cfg, tokens, attn_mask=attn).logits, tokens, tmask)
 
     return jax.jit(jax.value_and_grad(f))(inner_kernels(tiny.params, INNER))

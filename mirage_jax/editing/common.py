@@ -12,15 +12,26 @@ def down_kernel(params: Any, layer: int) -> jax.Array:
     return params["layers"][layer]["mlp"]["down"]["kernel"]
 
 
-def replace_down_kernels(params: Any, kernels: Mapping[int, jax.Array]) -> Any:
-    """A new pytree with those layers' down kernels replaced; every other leaf is shared, so the
-    original pytree stays valid (restoring an edit is keeping the old one)."""
+def replace_mlp(params: Any, updates: Mapping[tuple[int, str], Any]) -> Any:
+    """A new pytree with ``layers[l]["mlp"][name]`` replaced by ``updates[(l, name)]`` (a dict of
+    leaves); every other leaf is shared, so the original pytree stays valid (restoring an edit
+    is keeping the old one)."""
     layers = list(params["layers"])
-    for layer, kernel in kernels.items():
-        old = layers[layer]
-        down = dict(old["mlp"]["down"], kernel=kernel.astype(old["mlp"]["down"]["kernel"].dtype))
-        layers[layer] = dict(old, mlp=dict(old["mlp"], down=down))
+    for (layer, name), leaf in updates.items():
+        layers[layer] = dict(layers[layer], mlp=dict(layers[layer]["mlp"], **{name: leaf}))
     return dict(params, layers=layers)
+
+
+def replace_mlp_kernels(params: Any, kernels: Mapping[tuple[int, str], jax.Array]) -> Any:
+    """Replace MLP kernels ``{(layer, 'gate'|'up'|'down'): kernel}``, cast to the old dtype."""
+    mlp = lambda l, n: params["layers"][l]["mlp"][n]  # noqa: E731
+    return replace_mlp(params, {(l, n): dict(mlp(l, n), kernel=k.astype(mlp(l, n)["kernel"].dtype))
+                                for (l, n), k in kernels.items()})
+
+
+def replace_down_kernels(params: Any, kernels: Mapping[int, jax.Array]) -> Any:
+    """Replace the down kernels of some layers (ROME, MEMIT, FT)."""
+    return replace_mlp_kernels(params, {(layer, "down"): k for layer, k in kernels.items()})
 
 
 def check_layers(layers, num_layers: int, method: str) -> None:

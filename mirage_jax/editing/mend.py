@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mirage_jax.editing.common import check_layers
+from mirage_jax.editing.common import check_layers, replace_mlp, replace_mlp_kernels
 from mirage_jax.model.config import ModelConfig
 from mirage_jax.model.transformer import forward
 from mirage_jax.tokens import make_batch
@@ -86,23 +86,9 @@ def _read_site(name: str) -> str:
     return "mlp_key" if name == "down" else "mlp_in"
 
 
-def _replace_mlp(params: Any, updates: dict[tuple[int, str], dict]) -> Any:
-    """New pytree with ``layers[l]["mlp"][name]`` replaced by `updates[(l, name)]`; all else shared."""
-    layers = list(params["layers"])
-    for (layer, name), leaf in updates.items():
-        old = layers[layer]
-        layers[layer] = dict(old, mlp=dict(layers[layer]["mlp"], **{name: leaf}))
-    return dict(params, layers=layers)
-
-
 def inner_kernels(params: Any, inner: Inner) -> dict[tuple[int, str], jax.Array]:
     return {(l, n): params["layers"][l]["mlp"][n]["kernel"] for l, n in inner}
 
-
-def replace_kernels(params: Any, kernels: dict[tuple[int, str], jax.Array]) -> Any:
-    mlp = lambda l, n: params["layers"][l]["mlp"][n]  # noqa: E731
-    return _replace_mlp(params, {(l, n): dict(mlp(l, n), kernel=k.astype(mlp(l, n)["kernel"].dtype))
-                                 for (l, n), k in kernels.items()})
 
 
 def token_pairs(params: Any, cfg: ModelConfig, inner: Inner, tokens, attn_mask, target_mask, *,
@@ -122,7 +108,7 @@ def token_pairs(params: Any, cfg: ModelConfig, inner: Inner, tokens, attn_mask, 
             bias = token_bias[(l, n)].astype(p["kernel"].dtype)
             return dict(p, bias=p["bias"] + bias if "bias" in p else bias)
 
-        p = _replace_mlp(params, {k: leaf(*k) for k in inner})
+        p = replace_mlp(params, {k: leaf(*k) for k in inner})
         out = forward(p, cfg, tokens if hidden is None else None, attn_mask=attn_mask,
                       start_layer=start, hidden=hidden, reads=reads)
         return target_nll(out.logits, tokens, target_mask), out.reads
@@ -284,7 +270,7 @@ def _apply_editor(net: MENDNet, variables, params, cfg, hp: MENDConfig, tokens, 
     sign = -1.0 if hp.descent else 1.0
     w = inner_kernels(params, hp.inner_params)
     new = {k: w[k].astype(jnp.float32) + sign * lrs[m] * grads[m] for m, k in enumerate(hp.inner_params)}
-    return replace_kernels(params, new), loss, stats
+    return replace_mlp_kernels(params, new), loss, stats
 
 
 @functools.partial(jax.jit, static_argnames=("net", "cfg", "hp"))
@@ -304,7 +290,7 @@ def mend_edit(params: Any, cfg: ModelConfig, tokenizer: Any, requests: Sequence[
     b = make_batch(tokenizer, [r.prompt for r in requests], [r.target_new for r in requests])
     kernels, loss = _edit(net, editor, params, cfg, hp, jnp.asarray(b.tokens), jnp.asarray(b.attn_mask),
                           jnp.asarray(b.target_mask))
-    return replace_kernels(params, kernels), {"loss": float(loss), "trained_editor": editor is not init}
+    return replace_mlp_kernels(params, kernels), {"loss": float(loss), "trained_editor": editor is not init}
 
 
 # --- meta-training ------------------------------------------------------------------------------
