@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("method", "FT-M", "FT-L, FT-M, ROME, R-ROME, MEMIT or AlphaEdit")
+flags.DEFINE_string("method", "FT-M", "FT-L, FT-M, ROME, R-ROME, MEMIT, AlphaEdit or MEND")
 flags.DEFINE_string("model", "default", "'default', an HF checkpoint directory or a .gguf file")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "parameter dtype")
 flags.DEFINE_bool("allow_pickle", False, "allow pickle *.bin checkpoints (they can run code when loaded)")
@@ -40,6 +41,9 @@ flags.DEFINE_string("stats_dir", "stats", "cache of MLP key statistics (MEMIT, A
 flags.DEFINE_string("rome_stats_dir", None, "ROME/EasyEdit stats directory (<dir>/<model>/wikipedia_stats/*.npz)")
 flags.DEFINE_string("stats_corpus", None, "text/JSONL/folder corpus: compute missing statistics from it (resumable)")
 flags.DEFINE_string("hparams_for", None, "borrow the configs/ entry of this model key")
+flags.DEFINE_string("mend_train_data", None, "MEND: CounterFact file to meta-train an editor from (records 5000+) "
+                    "when no --hp archive=<dir> is given and results/mend/<model>/best is missing")
+flags.DEFINE_integer("mend_train_steps", 200, "MEND: meta-training steps with --mend_train_data")
 
 
 def main(argv):
@@ -61,6 +65,11 @@ def main(argv):
         logging.warning("skipped %d bad records: %s", len(data.skipped), data.skipped[:5])
     model = load_model(FLAGS.model, dtype=FLAGS.dtype, allow_pickle=FLAGS.allow_pickle)
     hp = get_hparams(method.name, model.name, FLAGS.hp, key=FLAGS.hparams_for)
+    if method.name == "MEND":  # a trained editor: --hp archive=, results/mend/<model>/best, or train one now
+        from mirage_jax.editing.mend import resolve_archive
+
+        hp = resolve_archive(hp, model, FLAGS.mend_train_data, FLAGS.mend_train_steps,
+                             root=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "mend"))
     rc = RunConfig(
         method=method.name, model_name=model.name, dataset=FLAGS.dataset, data_path=data_path,
         edit_mode=FLAGS.edit_mode, batch_size=FLAGS.batch_size, evaluation=FLAGS.evaluation,

@@ -1,9 +1,12 @@
 """MEND hyper-parameters (spec 4.5): the paper's values for Llama-2-7B / Mistral-7B, ours for the rest.
 
 `archive` is None everywhere: no trained editor ships (the seed's checkpoints are not released and
-its training data is not shipped), so out of the box MEND is one SGD step of `edit_lr` on the inner
-matrices. Train one with `mirage_jax.editing.mend.train_mend`, save it with `save_editor`, and pass
-`--hp archive=/abs/path`.
+its training data is not shipped). In library use, `archive=None` is the untrained editor (one SGD step
+of `edit_lr` on the inner matrices). `launch.py --method=MEND` insists on a trained one: `--hp
+archive=<dir>`, else `results/mend/<model name>/best`, else it trains one there first from
+`--mend_train_data=<CounterFact file>` (records 5000+, `mend_training_edits`; `--mend_train_steps`),
+else it stops with a one-line error. In Python: `train_editor(...)` (validation, early stopping,
+best/latest checkpoints, resume).
 """
 
 from mirage_jax.editing.mend import MATRICES, MENDConfig

@@ -149,3 +149,102 @@ def test_registered_method_runs_end_to_end_in_the_runner(tiny, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "out" / f"{rc.run_name}.jsonl").read_text().splitlines()]
     assert [r["case_id"] for r in rows] == [0, 1] and "error" not in rows[0]["edit"]
     assert "rewrite_acc" in summary["post"]["synthetic"]
+
+
+# --- train_editor: validation, best checkpoint, resume, early stopping --------------------------
+
+TRAIN_HP = dataclasses.replace(HP, edit_lr=1e-3, lr=1e-3, lr_lr=1e-2, accumulate=2, cedit=1.0, cloc=1.0)
+
+
+def _data():
+    from mirage_jax.editing.mend import MENDTrainingData
+
+    rng = np.random.default_rng(1)
+    words = lambda k: " ".join(f"t{i}" for i in rng.integers(2, 128, k))  # noqa: E731
+    val = tuple((words(3), words(3)) for _ in range(4))  # multi-token targets: graded edit success
+    return MENDTrainingData(tuple(_synthetic(12, 0)), tuple(_synthetic(8, 2)), val)
+
+
+def test_train_editor_validates_and_keeps_the_best(tiny, tmp_path):
+    import json
+
+    from mirage_jax.editing.mend import train_editor, validate_editor
+
+    out = tmp_path / "run"
+    best, info = train_editor(tiny.params, tiny.cfg, tiny.tokenizer, _data(), TRAIN_HP, 18, out_dir=str(out),
+                              val_every=3, patience=10, progress=False)
+    scores = [h["edit_success"] for h in info["history"]]
+    assert [h["step"] for h in info["history"]] == [3, 6, 9, 12, 15, 18] and info["step"] == 18
+    assert len(set(scores)) > 1  # the scores move, so "best" means something (measured: best at 12, not 18)
+    assert all(np.isfinite(h["post_nll"]) for h in info["history"])
+    assert info["best_score"] == max(scores)
+    meta = json.loads((out / "best.json").read_text())
+    assert meta["edit_success"] == max(scores) and meta["step"] == info["best_step"]
+    # The best checkpoint is the editor that scored it, and loads as an archive.
+    on_disk = load_editor(str(out / "best"), make_editor(tiny.cfg, tiny.params, TRAIN_HP)[1])
+    again = validate_editor(tiny.params, tiny.cfg, tiny.tokenizer, _data().val_edits, TRAIN_HP, on_disk)
+    assert again["edit_success"] == pytest.approx(max(scores))
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(np.array_equal, on_disk, best))
+    assert (out / "latest" / "meta.json").exists()
+
+
+def test_train_editor_resumes_after_a_kill(tiny, tmp_path):
+    from mirage_jax.editing.mend import train_editor
+
+    kw = dict(val_every=2, patience=10, progress=False)
+    full, info_full = train_editor(tiny.params, tiny.cfg, tiny.tokenizer, _data(), TRAIN_HP, 8,
+                                   out_dir=str(tmp_path / "a"), **kw)
+
+    def kill(step):
+        if step == 5:
+            raise KeyboardInterrupt("simulated kill")
+
+    with pytest.raises(KeyboardInterrupt):
+        train_editor(tiny.params, tiny.cfg, tiny.tokenizer, _data(), TRAIN_HP, 8, out_dir=str(tmp_path / "b"),
+                     on_step=kill, **kw)
+    resumed, info = train_editor(tiny.params, tiny.cfg, tiny.tokenizer, _data(), TRAIN_HP, 8,
+                                 out_dir=str(tmp_path / "b"), resume=True, **kw)
+    assert info["log"][0]["step"] == 5  # continued after the checkpoint at step 4, not from 0
+    assert info["step"] == info_full["step"] == 8
+    assert [h["step"] for h in info["history"]] == [2, 4, 6, 8]
+    for a, b in zip(jax.tree_util.tree_leaves(resumed), jax.tree_util.tree_leaves(full)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert info["best_score"] == pytest.approx(info_full["best_score"])
+
+
+def test_train_editor_stops_early_without_improvement(tiny, tmp_path):
+    from mirage_jax.editing.mend import train_editor
+
+    # min_delta=1: no edit success (a fraction) can beat the first validation's by more.
+    _, info = train_editor(tiny.params, tiny.cfg, tiny.tokenizer, _data(), TRAIN_HP, 100, out_dir=str(tmp_path),
+                           val_every=2, patience=2, min_delta=1.0, progress=False)
+    assert info["stopped_early"] and info["step"] == 6  # best at 2, no gain at 4 and 6
+    assert info["best_step"] == 2
+
+
+def test_mend_training_edits_reserves_the_first_records(tmp_path):
+    import json
+
+    from mirage_jax.editing.mend import mend_training_edits
+
+    recs = [{"prompt": f"p{i}", "subject": "s", "target_new": f"t{i}", "locality_prompt": f"l{i}",
+             "locality_ground_truth": f"a{i}"} for i in range(30)]
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps(recs))
+    d = mend_training_edits(str(path), start=10, val_size=5)
+    assert d.edits[0] == ("p10", "t10") and len(d.edits) == 15 and d.val_edits[-1] == ("p29", "t29")
+    assert d.locality[0] == ("l10", "a10") and len(d.locality) == 15
+    with pytest.raises(ValueError, match="need more than val_size"):
+        mend_training_edits(str(path), start=28, val_size=5)
+
+
+def test_resolve_archive(tiny, tmp_path):
+    from mirage_jax.editing.mend import resolve_archive
+
+    with pytest.raises(ValueError, match="--mend_train_data"):
+        resolve_archive(HP, tiny, root=str(tmp_path / "results"))
+    with pytest.raises(ValueError, match="does not exist"):
+        resolve_archive(dataclasses.replace(HP, archive=str(tmp_path / "nope")), tiny)
+    best = tmp_path / "results" / tiny.name.strip("/").replace("/", "_") / "best"
+    save_editor(str(best), make_editor(tiny.cfg, tiny.params, HP)[1])
+    assert resolve_archive(HP, tiny, root=str(tmp_path / "results")).archive == str(best)

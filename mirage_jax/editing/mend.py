@@ -25,12 +25,18 @@ Deviations from the seed code (spec 4.5), deliberate:
 - Tokens whose x or δ is all zero are masked out (the seed drops them: ``nz_mask``).
 
 Editor: Flax **linen** (`MENDNet`); its variables are ``{"params", "norm_stats"}``.
+
+Meta-training: `train_mend` (a bare loop) or `train_editor` (validation on held-out edits, early
+stopping, best + rolling latest orbax checkpoints, resume); `mend_training_edits` splits a
+CounterFact file (records 5000+ for training, the first 5000 left for evaluation);
+`resolve_archive` is `launch.py`'s archive lookup / train-on-demand.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -326,6 +332,19 @@ def _batches(tokenizer, prompts, targets):
     return jnp.asarray(b.tokens), jnp.asarray(b.attn_mask), jnp.asarray(b.target_mask)
 
 
+@functools.lru_cache(maxsize=8)  # one optimiser (hence one compiled meta step) per hp
+def _cached_optimizer(hp: MENDConfig) -> optax.GradientTransformation:
+    return meta_optimizer(hp)
+
+
+@functools.partial(jax.jit, static_argnames=("net", "cfg", "hp"))
+def _meta_step(net, cfg, hp, trainable, stats, opt_state, params, edit, loc):
+    (loss, (new_stats, el, kl)), g = jax.value_and_grad(_meta_loss, has_aux=True)(
+        trainable, stats, net, params, cfg, hp, edit, loc)
+    upd, opt_state = _cached_optimizer(hp).update(g, opt_state, trainable)
+    return optax.apply_updates(trainable, upd), new_stats, opt_state, loss, el, kl
+
+
 def train_mend(params: Any, cfg: ModelConfig, tokenizer: Any, edits: Sequence[tuple[str, str]],
                locality: Sequence[tuple[str, str]], hp: MENDConfig, steps: int, editor: dict | None = None
                ) -> tuple[dict, list[dict]]:
@@ -334,23 +353,16 @@ def train_mend(params: Any, cfg: ModelConfig, tokenizer: Any, edits: Sequence[tu
     Returns the trained variables and a per-step log (meta-loss, post-edit NLL, locality KL)."""
     net, init = make_editor(cfg, params, hp)
     variables = init if editor is None else editor
-    opt = meta_optimizer(hp)
+    opt = _cached_optimizer(hp)
     edit_batches = [_batches(tokenizer, [p], [t]) for p, t in edits]
     loc_batches = [_batches(tokenizer, [p], [t]) for p, t in locality]
-
-    @jax.jit
-    def step(trainable, stats, opt_state, params, edit, loc):
-        (loss, (new_stats, el, kl)), g = jax.value_and_grad(_meta_loss, has_aux=True)(
-            trainable, stats, net, params, cfg, hp, edit, loc)
-        upd, opt_state = opt.update(g, opt_state, trainable)
-        return optax.apply_updates(trainable, upd), new_stats, opt_state, loss, el, kl
 
     trainable, stats = variables["params"], variables["norm_stats"]
     opt_state = opt.init(trainable)
     log = []
     for i in range(steps):
-        trainable, stats, opt_state, loss, el, kl = step(
-            trainable, stats, opt_state, params, edit_batches[i % len(edit_batches)],
+        trainable, stats, opt_state, loss, el, kl = _meta_step(
+            net, cfg, hp, trainable, stats, opt_state, params, edit_batches[i % len(edit_batches)],
             loc_batches[i % len(loc_batches)])
         log.append({"loss": float(loss), "edit_nll": float(el), "loc_kl": float(kl)})
     return {"params": trainable, "norm_stats": stats}, log
@@ -386,3 +398,234 @@ def load_editor(path: str, like: dict) -> dict:
 
     with ocp.StandardCheckpointer() as ckpt:
         return ckpt.restore(path, jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like))
+
+
+# --- training with validation, early stopping, best/latest checkpoints and resume --------------
+
+
+@functools.partial(jax.jit, static_argnames=("net", "cfg", "hp"))
+def _post_edit_metrics(net, variables, params, cfg, hp, tokens, attn_mask, target_mask):
+    """(teacher-forced target-token accuracy, target NLL) of the model after this edit."""
+    new, _, _ = _apply_editor(net, variables, params, cfg, hp, tokens, attn_mask, target_mask)
+    logits = forward(new, cfg, tokens, attn_mask=attn_mask).logits
+    m = target_mask[:, 1:]
+    hit = (jnp.argmax(logits[:, :-1], -1) == tokens[:, 1:]).astype(jnp.float32)
+    return (hit * m).sum() / jnp.maximum(m.sum(), 1), target_nll(logits, tokens, target_mask)
+
+
+def validate_editor(params: Any, cfg: ModelConfig, tokenizer: Any, edits: Sequence[tuple[str, str]],
+                    hp: MENDConfig, editor: dict) -> dict:
+    """Each held-out edit (prompt, target) applied alone -> {"edit_success": mean teacher-forced
+    target-token accuracy after the edit, "post_nll": mean post-edit target NLL}."""
+    net, _ = make_editor(cfg, params, hp)
+    acc, nll = [], []
+    for p, t in edits:
+        a, n = _post_edit_metrics(net, editor, params, cfg, hp, *_batches(tokenizer, [p], [t]))
+        acc.append(float(a))
+        nll.append(float(n))
+    return {"edit_success": float(np.mean(acc)), "post_nll": float(np.mean(nll))}
+
+
+@dataclasses.dataclass(frozen=True)
+class MENDTrainingData:
+    """Meta-training material: `edits` (prompt, target_new), `locality` (question, answer) and
+    held-out `val_edits` (prompt, target_new) for validation / early stopping."""
+
+    edits: tuple[tuple[str, str], ...]
+    locality: tuple[tuple[str, str], ...]
+    val_edits: tuple[tuple[str, str], ...]
+
+
+def mend_training_edits(path: str, start: int = 5000, val_size: int = 200,
+                        limit: int | None = None) -> MENDTrainingData:
+    """Split a CounterFact file (e.g. ``../shared/data/counterfact-edit.json``) for MEND meta-training.
+
+    Records ``[0, start)`` are **never touched**: they stay reserved for evaluating the edits (the
+    runner's ``--ds_size`` takes the first records). Records ``start`` onwards (at most `limit` of
+    them) are used: the last `val_size` are the held-out validation edits, the rest are training
+    edits (prompt, target_new), and every used training record with a locality pair contributes
+    (locality_prompt, locality_ground_truth). Malformed records are skipped."""
+    from mirage_jax.datasets import load_counterfact
+
+    reqs = list(load_counterfact(path, skip_bad=True).requests)
+    reqs = [r for r in reqs if r.case_id >= start]
+    if limit is not None:
+        reqs = reqs[:limit]
+    if len(reqs) <= val_size:
+        raise ValueError(f"MEND training data: {path} has {len(reqs)} usable records from index {start}; "
+                         f"need more than val_size={val_size}")
+    train, val = reqs[: len(reqs) - val_size], reqs[len(reqs) - val_size:]
+    loc = tuple((lp.prompt, lp.answer) for r in train for lp in r.locality[:1])
+    if not loc:
+        raise ValueError(f"MEND training data: no locality pairs in {path} from index {start}")
+    return MENDTrainingData(tuple((r.prompt, r.target_new) for r in train), loc,
+                            tuple((r.prompt, r.target_new) for r in val))
+
+
+def _order(n: int, seed: int, stream: int, i: int) -> int:
+    """Index of step i's example: a fresh seeded permutation every epoch, so the data position is
+    a pure function of (seed, step) and a resumed run sees exactly the same sequence."""
+    epoch, pos = divmod(i, n)
+    return int(np.random.default_rng([seed, stream, epoch]).permutation(n)[pos])
+
+
+def _atomic_save(path: str, write) -> None:
+    """write(tmp_dir) then replace `path` by it; a kill leaves either the old or the new one
+    (or `path + '.new'`, which `_recover` restores)."""
+    import shutil
+
+    tmp = path + ".new"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def _recover(path: str) -> str:
+    """`path`, restored from ``path + '.new'`` if a kill hit `_atomic_save` between its rmtree and
+    its rename (the '.new' copy is complete whenever `path` is missing)."""
+    if not os.path.exists(path) and os.path.exists(path + ".new"):
+        os.replace(path + ".new", path)
+    return path
+
+
+def _save_latest(path: str, tree: dict, meta: dict) -> None:
+    import json
+
+    def write(tmp):
+        os.makedirs(tmp)
+        save_editor(os.path.join(tmp, "state"), tree)
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f)
+
+    _atomic_save(path, write)
+
+
+def _save_best(out_dir: str, editor: dict, meta: dict) -> None:
+    import json
+
+    _atomic_save(os.path.join(out_dir, "best"), lambda tmp: save_editor(tmp, editor))
+    with open(os.path.join(out_dir, "best.json.tmp"), "w") as f:
+        json.dump(meta, f)
+    os.replace(os.path.join(out_dir, "best.json.tmp"), os.path.join(out_dir, "best.json"))
+
+
+def train_editor(params: Any, cfg: ModelConfig, tokenizer: Any, data: MENDTrainingData, hp: MENDConfig,
+                 steps: int, *, out_dir: str | None = None, val_every: int = 100, patience: int = 5,
+                 min_delta: float = 0.0, resume: bool = False, seed: int = 0, progress: bool = True,
+                 on_step=None) -> tuple[dict, dict]:
+    """Meta-train a MEND editor with validation, early stopping and checkpoints (fixes spec 4.5's
+    seed bugs: the stopper is updated, and the *best* editor is kept, not the latest).
+
+    One training edit + one locality pair per step, both drawn in a seeded per-epoch shuffled
+    order. Every `val_every` steps (and at the last step) the editor is validated on
+    `data.val_edits` (`validate_editor`: post-edit edit success + post-edit NLL). A strictly
+    better edit success (by more than `min_delta`) saves the editor to ``out_dir/best`` (plain
+    editor variables, usable as ``--hp archive=``; score in ``out_dir/best.json``); otherwise a
+    patience counter grows and training stops once it reaches `patience` validations. After each
+    validation ``out_dir/latest`` holds editor variables, optimiser state (incl. the gradient
+    accumulator), step, best score, patience counter and the data seed (data position = step);
+    ``resume=True`` continues from it. `on_step(step)` is called after every step (a test hook).
+
+    Returns (best editor variables, info: step, best_score, best_step, stopped_early, history of
+    validations, per-step log of this process)."""
+    import json
+
+    from tqdm.auto import tqdm
+
+    if steps < 1 or val_every < 1 or patience < 1:
+        raise ValueError("train_editor: steps, val_every and patience must be >= 1")
+    if not data.edits or not data.locality or not data.val_edits:
+        raise ValueError("train_editor: need training edits, locality pairs and validation edits")
+    net, init = make_editor(cfg, params, hp)
+    opt = _cached_optimizer(hp)
+    trainable, stats = init["params"], init["norm_stats"]
+    opt_state = opt.init(trainable)
+    step, best, best_step, bad, history = 0, -np.inf, -1, 0, []
+    best_editor = init
+    latest = None
+    if out_dir:
+        out_dir = os.path.abspath(out_dir)
+        latest = os.path.join(out_dir, "latest")
+        os.makedirs(out_dir, exist_ok=True)
+    found = _recover(latest) if (resume and latest) else None
+    if found and os.path.exists(os.path.join(found, "meta.json")):
+        with open(os.path.join(found, "meta.json")) as f:
+            meta = json.load(f)
+        if meta["seed"] != seed:
+            raise ValueError(f"train_editor: {found} was written with seed {meta['seed']}, not {seed}")
+        tree = load_editor(os.path.join(found, "state"),
+                           {"params": trainable, "norm_stats": stats, "opt_state": opt_state})
+        trainable, stats, opt_state = tree["params"], tree["norm_stats"], tree["opt_state"]
+        step, best, best_step, bad, history = (meta["step"], meta["best"], meta["best_step"], meta["bad"],
+                                               meta["history"])
+        best = -np.inf if best is None else best
+        if best_step >= 0:
+            best_editor = load_editor(_recover(os.path.join(out_dir, "best")), init)
+    stopped = bad >= patience
+    log = []
+    bar = tqdm(total=steps, initial=step, disable=not progress, desc="MEND", dynamic_ncols=True)
+    try:
+        while step < steps and not stopped:
+            (ep, et), (lp, lt) = (data.edits[_order(len(data.edits), seed, 0, step)],
+                                  data.locality[_order(len(data.locality), seed, 1, step)])
+            edit, loc = _batches(tokenizer, [ep], [et]), _batches(tokenizer, [lp], [lt])
+            trainable, stats, opt_state, loss, el, kl = _meta_step(net, cfg, hp, trainable, stats, opt_state,
+                                                                   params, edit, loc)
+            step += 1
+            log.append({"step": step, "loss": float(loss), "edit_nll": float(el), "loc_kl": float(kl)})
+            bar.update(1)
+            post = {"loss": f"{float(loss):.3f}"}
+            if step % val_every == 0 or step == steps:
+                variables = {"params": trainable, "norm_stats": stats}
+                val = validate_editor(params, cfg, tokenizer, data.val_edits, hp, variables)
+                history.append({"step": step, **val})
+                if val["edit_success"] > best + min_delta:
+                    best, best_step, bad = val["edit_success"], step, 0
+                    best_editor = jax.device_get(variables)
+                    if out_dir:
+                        _save_best(out_dir, best_editor, {"step": step, **val})
+                else:
+                    bad += 1
+                stopped = bad >= patience
+                if latest:
+                    _save_latest(latest, {"params": trainable, "norm_stats": stats, "opt_state": opt_state},
+                                 {"step": step, "best": best, "best_step": best_step, "bad": bad, "seed": seed,
+                                  "history": history})
+                bar.set_postfix(val_success=f"{val['edit_success']:.3f}", best=f"{best:.3f}", **post)
+            elif step % 10 == 0:
+                bar.set_postfix(**post)
+            if on_step is not None:
+                on_step(step)
+    finally:
+        bar.close()
+    info = {"step": step, "best_score": float(best), "best_step": best_step, "stopped_early": stopped,
+            "history": history, "log": log}
+    return best_editor, info
+
+
+def default_archive_dir(model_name: str, root: str = "results/mend") -> str:
+    """Where `launch.py` keeps a model's trained MEND editor: ``<root>/<model name>/best``."""
+    safe = model_name.strip("/").replace(os.sep, "_") or "model"
+    return os.path.abspath(os.path.join(root, safe, "best"))
+
+
+def resolve_archive(hp: MENDConfig, model: Any, train_data: str | None = None, train_steps: int = 200,
+                    root: str = "results/mend", **train_kw) -> MENDConfig:
+    """`hp` with `archive` set for a run: the given one, else ``<root>/<model>/best``, else (with
+    `train_data`, a CounterFact file) train one there first; otherwise a one-line ValueError."""
+    hp = dataclasses.replace(hp, inner_params=tuple((int(l), str(n)) for l, n in hp.inner_params))  # --hp JSON lists
+    if hp.archive:
+        if not os.path.exists(hp.archive):
+            raise ValueError(f"MEND archive {hp.archive} does not exist")
+        return dataclasses.replace(hp, archive=os.path.abspath(hp.archive))
+    best = _recover(default_archive_dir(model.name, root))
+    if not os.path.exists(best) and train_data:
+        data = mend_training_edits(train_data, **{k: train_kw.pop(k) for k in ("start", "val_size", "limit")
+                                                  if k in train_kw})
+        train_editor(model.params, model.cfg, model.tokenizer, data, hp, train_steps, out_dir=os.path.dirname(best),
+                     resume=True, **train_kw)
+    if not os.path.exists(best):
+        raise ValueError(f"MEND needs a trained editor: none at {best}; pass --hp archive=<dir>, or train one with "
+                         f"--mend_train_data=<counterfact.json> [--mend_train_steps=N]")
+    return dataclasses.replace(hp, archive=best)
