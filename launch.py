@@ -41,7 +41,8 @@ flags.DEFINE_string("stats_dir", "stats", "cache of MLP key statistics (MEMIT, A
 flags.DEFINE_string("rome_stats_dir", None, "ROME/EasyEdit stats directory (<dir>/<model>/wikipedia_stats/*.npz)")
 flags.DEFINE_string("stats_corpus", None, "text/JSONL/folder corpus: compute missing statistics from it (resumable)")
 flags.DEFINE_string("hparams_for", None, "borrow the configs/ entry of this model key")
-flags.DEFINE_string("mend_train_data", None, "MEND: CounterFact file to meta-train an editor from (records 5000+) "
+flags.DEFINE_string("mend_train_data", None, "MEND: ZsRE training split (MEND format) or CounterFact file "
+                    "(records 5000+) to meta-train an editor from "
                     "when no --hp archive=<dir> is given and results/mend/<model>/best is missing")
 flags.DEFINE_integer("mend_train_steps", 200, "MEND: meta-training steps with --mend_train_data")
 

@@ -236,6 +236,14 @@ def test_mend_training_edits_reserves_the_first_records(tmp_path):
     assert d.locality[0] == ("l10", "a10") and len(d.locality) == 15
     with pytest.raises(ValueError, match="need more than val_size"):
         mend_training_edits(str(path), start=28, val_size=5)
+    # A ZsRE training split (MEND format) is used whole: no records are reserved.
+    zsre = [{"src": f"q{i}?", "subject": "s", "alt": f"a{i}", "rephrase": f"r{i}?", "loc": f"nq question: l{i}",
+             "loc_ans": f"la{i}", "answers": ["x"]} for i in range(12)]
+    zpath = tmp_path / "zsre_mend_train.json"
+    zpath.write_text(json.dumps(zsre))
+    z = mend_training_edits(str(zpath), val_size=2)
+    assert z.edits[0] == ("q0?", "a0") and len(z.edits) == 10 and z.val_edits == (("q10?", "a10"), ("q11?", "a11"))
+    assert z.locality[0] == ("nq question: l0", "la0")
 
 
 def test_resolve_archive(tiny, tmp_path):

@@ -436,18 +436,31 @@ class MENDTrainingData:
     val_edits: tuple[tuple[str, str], ...]
 
 
-def mend_training_edits(path: str, start: int = 5000, val_size: int = 200,
+def _is_zsre(path: str) -> bool:
+    """MEND-format ZsRE records have 'src'; CounterFact records do not."""
+    import json
+
+    with open(path) as f:
+        records = json.load(f)
+    return bool(records) and isinstance(records[0], dict) and "src" in records[0]
+
+
+def mend_training_edits(path: str, start: int | None = None, val_size: int = 200,
                         limit: int | None = None) -> MENDTrainingData:
-    """Split a CounterFact file (e.g. ``../shared/data/counterfact-edit.json``) for MEND meta-training.
+    """Training material for MEND meta-training from a ZsRE training split (MEND format, e.g.
+    ``zsre_mend_train.json``; every record is used, ``start`` defaults to 0) or, without one, a
+    CounterFact file (e.g. ``../shared/data/counterfact-edit.json``; ``start`` defaults to 5000).
 
-    Records ``[0, start)`` are **never touched**: they stay reserved for evaluating the edits (the
-    runner's ``--ds_size`` takes the first records). Records ``start`` onwards (at most `limit` of
-    them) are used: the last `val_size` are the held-out validation edits, the rest are training
-    edits (prompt, target_new), and every used training record with a locality pair contributes
-    (locality_prompt, locality_ground_truth). Malformed records are skipped."""
-    from mirage_jax.datasets import load_counterfact
+    Records ``[0, start)`` are **never touched**: in a CounterFact file they stay reserved for
+    evaluating the edits (the runner's ``--ds_size`` takes the first records). Records ``start``
+    onwards (at most `limit` of them) are used: the last `val_size` are the held-out validation
+    edits, the rest are training edits (prompt, target_new), and every used training record with
+    a locality pair contributes (locality prompt, answer). Malformed records are skipped."""
+    from mirage_jax.datasets import load_counterfact, load_zsre
 
-    reqs = list(load_counterfact(path, skip_bad=True).requests)
+    zsre = _is_zsre(path)
+    start = (0 if zsre else 5000) if start is None else start
+    reqs = list((load_zsre if zsre else load_counterfact)(path, skip_bad=True).requests)
     reqs = [r for r in reqs if r.case_id >= start]
     if limit is not None:
         reqs = reqs[:limit]
@@ -613,7 +626,8 @@ def default_archive_dir(model_name: str, root: str = "results/mend") -> str:
 def resolve_archive(hp: MENDConfig, model: Any, train_data: str | None = None, train_steps: int = 200,
                     root: str = "results/mend", **train_kw) -> MENDConfig:
     """`hp` with `archive` set for a run: the given one, else ``<root>/<model>/best``, else (with
-    `train_data`, a CounterFact file) train one there first; otherwise a one-line ValueError."""
+    `train_data`, a ZsRE training split or a CounterFact file) train one there first; otherwise a
+    one-line ValueError."""
     hp = dataclasses.replace(hp, inner_params=tuple((int(l), str(n)) for l, n in hp.inner_params))  # --hp JSON lists
     if hp.archive:
         if not os.path.exists(hp.archive):
@@ -627,5 +641,5 @@ def resolve_archive(hp: MENDConfig, model: Any, train_data: str | None = None, t
                      resume=True, **train_kw)
     if not os.path.exists(best):
         raise ValueError(f"MEND needs a trained editor: none at {best}; pass --hp archive=<dir>, or train one with "
-                         f"--mend_train_data=<counterfact.json> [--mend_train_steps=N]")
+                         f"--mend_train_data=<zsre_mend_train.json | counterfact.json> [--mend_train_steps=N]")
     return dataclasses.replace(hp, archive=best)
