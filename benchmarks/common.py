@@ -34,3 +34,30 @@ def random_llama_params(cfg, seed: int = 0, dtype=None):
     ]
     return {"embed": {"embedding": normal(next(keys), (v, d))}, "layers": layers, "final_norm": ones(),
             "lm_head": dense((d, v))}
+
+
+def benchmark_tokenizer(directory: str | None):
+    """The tokenizer of a `--random_llama7b` run: a directory's, else the default model's."""
+    if directory:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    from mirage_jax.model import load_model
+
+    return load_model("default").tokenizer
+
+
+def load_edit_subject(model: str, random_llama7b: bool, tokenizer: str | None):
+    """(cfg, params, tokenizer, name) to edit: a loaded model, or a random Llama-2-7B-shaped one
+    in bfloat16 whose vocabulary is widened to the tokenizer's (every id has an embedding row)."""
+    import jax
+    import jax.numpy as jnp
+
+    from mirage_jax.model import ModelConfig, load_model
+
+    if not random_llama7b:
+        m = load_model(model)
+        return m.cfg, m.params, m.tokenizer, m.name
+    tok = benchmark_tokenizer(tokenizer)
+    cfg = ModelConfig(model_type="llama", **dict(LLAMA2_7B, vocab_size=len(tok)))
+    return cfg, jax.block_until_ready(random_llama_params(cfg, dtype=jnp.bfloat16)), tok, "random-llama-2-7b-shape-bf16"

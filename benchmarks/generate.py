@@ -32,7 +32,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from common import LLAMA2_7B, random_llama_params
+from common import LLAMA2_7B, benchmark_tokenizer, random_llama_params
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "default", "'default', an HF checkpoint directory or a .gguf file")
@@ -83,12 +83,7 @@ def load_ours(dtype: str):
     from mirage_jax.model import ModelConfig, load_model
 
     if FLAGS.random_llama7b:
-        if FLAGS.tokenizer:
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(FLAGS.tokenizer, local_files_only=True)
-        else:
-            tok = load_model("default").tokenizer
+        tok = benchmark_tokenizer(FLAGS.tokenizer)
         cfg = ModelConfig(model_type="llama", **LLAMA2_7B)
         t0 = time.perf_counter()
         params = jax.block_until_ready(random_llama_params(cfg, dtype=getattr(jnp, dtype)))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from common import LLAMA2_7B, random_llama_params
+from common import load_edit_subject
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "default", "model to edit")
@@ -29,22 +29,7 @@ CF = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact-edit
 
 
 def load():
-    import jax
-    import jax.numpy as jnp
-
-    from mirage_jax.model import ModelConfig, load_model
-
-    if not FLAGS.random_llama7b:
-        m = load_model(FLAGS.model)
-        return m.cfg, m.params, m.tokenizer, m.name
-    if FLAGS.tokenizer:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(FLAGS.tokenizer, local_files_only=True)
-    else:
-        tok = load_model("default").tokenizer
-    cfg = ModelConfig(model_type="llama", **dict(LLAMA2_7B, vocab_size=len(tok)))
-    return cfg, jax.block_until_ready(random_llama_params(cfg, dtype=jnp.bfloat16)), tok, "random-llama-2-7b-shape-bf16"
+    return load_edit_subject(FLAGS.model, FLAGS.random_llama7b, FLAGS.tokenizer)
 
 
 def pairs(n: int, start: int):
