@@ -47,9 +47,20 @@ def benchmark_tokenizer(directory: str | None):
     return load_model("default").tokenizer
 
 
-def load_edit_subject(model: str, random_llama7b: bool, tokenizer: str | None):
-    """(cfg, params, tokenizer, name) to edit: a loaded model, or a random Llama-2-7B-shaped one
-    in bfloat16 whose vocabulary is widened to the tokenizer's (every id has an embedding row)."""
+def llama7b_hf_config(vocab_size: int, num_layers: int | None = None) -> dict:
+    """HF config.json fields of the Llama-2-7B shape (optionally fewer layers)."""
+    c = LLAMA2_7B
+    return dict(model_type="llama", vocab_size=vocab_size, hidden_size=c["hidden_size"],
+                intermediate_size=c["intermediate_size"], num_hidden_layers=num_layers or c["num_layers"],
+                num_attention_heads=c["num_heads"], num_key_value_heads=c["num_kv_heads"],
+                max_position_embeddings=c["max_position_embeddings"], rms_norm_eps=c["norm_eps"],
+                rope_theta=c["rope_theta"], tie_word_embeddings=False)
+
+
+def load_edit_subject(model: str, random_llama7b: bool, tokenizer: str | None, num_layers: int | None = None):
+    """(cfg, params, tokenizer, name, hf_config) to edit: a loaded model, or a random
+    Llama-2-7B-shaped one in bfloat16 (`num_layers` of them; all 32 by default) whose vocabulary
+    is widened to the tokenizer's (every id has an embedding row)."""
     import jax
     import jax.numpy as jnp
 
@@ -57,7 +68,40 @@ def load_edit_subject(model: str, random_llama7b: bool, tokenizer: str | None):
 
     if not random_llama7b:
         m = load_model(model)
-        return m.cfg, m.params, m.tokenizer, m.name
+        return m.cfg, m.params, m.tokenizer, m.name, m.hf_config
     tok = benchmark_tokenizer(tokenizer)
-    cfg = ModelConfig(model_type="llama", **dict(LLAMA2_7B, vocab_size=len(tok)))
-    return cfg, jax.block_until_ready(random_llama_params(cfg, dtype=jnp.bfloat16)), tok, "random-llama-2-7b-shape-bf16"
+    layers = num_layers or LLAMA2_7B["num_layers"]
+    cfg = ModelConfig(model_type="llama", **dict(LLAMA2_7B, vocab_size=len(tok), num_layers=layers))
+    name = "random-llama-2-7b-shape-bf16" + (f"-{layers}-layers" if num_layers else "")
+    return (cfg, jax.block_until_ready(random_llama_params(cfg, dtype=jnp.bfloat16)), tok, name,
+            llama7b_hf_config(len(tok), layers))
+
+
+def torch_twin(cfg, params, hf_config: dict, device: str = "cpu"):
+    """A `transformers` model holding exactly our parameters (same dtype), for baselines that
+    must run the same weights: built from the config, then filled tensor by tensor."""
+    import numpy as np
+    import torch
+    import transformers
+
+    dtype = str(jax_dtype(params))
+    tdtype = getattr(torch, dtype)
+    conf = transformers.AutoConfig.for_model(**{k: v for k, v in hf_config.items() if k != "architectures"})
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(conf, dtype=tdtype)
+    from mirage_jax.model.checkpoint import params_to_hf
+
+    state = model.state_dict()
+    with torch.no_grad():
+        for name, arr in params_to_hf(cfg, params):
+            arr = np.array(arr)  # writable, as torch.from_numpy wants
+            t = (torch.from_numpy(arr.view(np.uint16)).view(torch.bfloat16) if arr.dtype.name == "bfloat16"
+                 else torch.from_numpy(arr))
+            state[name].copy_(t.to(tdtype))
+    return model.eval()
+
+
+def jax_dtype(params):
+    import jax
+
+    return jax.tree_util.tree_leaves(params)[0].dtype

@@ -67,7 +67,7 @@ def main(argv):
     from mirage_jax.editing.rome import rome_edit
     from mirage_jax.editing.stats import KeyStats
 
-    cfg, params, tok, name = load()
+    cfg, params, tok, name, _ = load()
     key = "llama-2-7b" if FLAGS.random_llama7b else None
     results = {"model": name, "device": __import__("jax").devices()[0].device_kind}
 

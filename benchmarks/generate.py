@@ -32,7 +32,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from common import LLAMA2_7B, benchmark_tokenizer, random_llama_params
+from common import LLAMA2_7B, benchmark_tokenizer, llama7b_hf_config, random_llama_params
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "default", "'default', an HF checkpoint directory or a .gguf file")
@@ -127,12 +127,8 @@ def load_hf(dtype: str, device: str):
 
     tdtype = getattr(torch, dtype)
     if FLAGS.random_llama7b:
-        c = LLAMA2_7B
-        hf_cfg = transformers.LlamaConfig(
-            vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
-            num_hidden_layers=c["num_layers"], num_attention_heads=c["num_heads"],
-            num_key_value_heads=c["num_kv_heads"], max_position_embeddings=c["max_position_embeddings"],
-            rms_norm_eps=c["norm_eps"], rope_theta=c["rope_theta"])
+        conf = llama7b_hf_config(LLAMA2_7B["vocab_size"])
+        hf_cfg = transformers.LlamaConfig(**{k: v for k, v in conf.items() if k != "model_type"})
         with torch.device(device):  # initialise on the GPU directly, in bf16
             model = transformers.LlamaForCausalLM._from_config(hf_cfg, dtype=tdtype)
         return model.eval()

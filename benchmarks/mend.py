@@ -1,10 +1,15 @@
-"""MEND throughput: meta-training steps/s and edits/s (steady state, compilation reported apart).
+"""MEND throughput, ours (JAX) beside the seed's way (eager PyTorch, hooks): meta-training steps/s
+and edits/s, steady state, compilation / warm-up reported apart.
 
-    python benchmarks/mend.py --steps=20 --edits=10                    # default model, CPU ok
+    python benchmarks/mend.py                                          # default model, CPU ok
     python benchmarks/mend.py --random_llama7b --tokenizer=DIR         # 7B shape, bf16, GPU
+    python benchmarks/mend.py --random_llama7b --layers=4 --steps=3 --edits=3   # 7B widths on a CPU
 
-Meta-training uses one edit + one locality pair per step (the paper's batch size 1); edits are
-single-request `mend_edit` calls with an untrained editor (the cost does not depend on training).
+Both sides run the same weights (the PyTorch model is filled from our pytree), the same token
+batches and the same editor size (the config's rank, 1920 for the 7B shape); meta-training uses
+one edit + one locality pair per step (the paper's batch size 1) with the config's gradient
+accumulation. Edits are single-request edits with an untrained editor (the cost does not depend
+on training); with it both sides must produce the same new weights, printed as a max |diff|.
 Requests: CounterFact records 5000+ for training, the first ones for editing, when
 ../shared/data/counterfact-edit.json exists; a synthetic family otherwise.
 """
@@ -17,62 +22,141 @@ from pathlib import Path
 
 from absl import app, flags
 
-from common import load_edit_subject
+from common import load_edit_subject, torch_twin
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "default", "model to edit")
 flags.DEFINE_bool("random_llama7b", False, "7B-shaped random bfloat16 Llama instead of --model")
+flags.DEFINE_integer("layers", None, "with --random_llama7b: this many layers (7B widths, less depth)")
 flags.DEFINE_string("tokenizer", None, "tokenizer directory for --random_llama7b")
-flags.DEFINE_integer("steps", 20, "meta-training steps timed after the compiling one")
-flags.DEFINE_integer("edits", 10, "edits timed after the compiling one")
+flags.DEFINE_integer("steps", 20, "meta-training steps timed after the compiling / warm-up one")
+flags.DEFINE_integer("edits", 10, "edits timed after the compiling / warm-up one")
+flags.DEFINE_bool("torch", True, "also run the PyTorch baseline")
 CF = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact-edit.json"
-
-
-def load():
-    return load_edit_subject(FLAGS.model, FLAGS.random_llama7b, FLAGS.tokenizer)
 
 
 def pairs(n: int, start: int):
     if CF.exists():
-        rows = json.loads(CF.read_text())[start : start + n]
+        rows = json.loads(CF.read_text())[start: start + n]
         return ([(r["prompt"], r["target_new"]) for r in rows],
                 [(r["locality_prompt"], r["locality_ground_truth"]) for r in rows])
     edits = [(f"The mother tongue of person {i} is", "English") for i in range(n)]
     return edits, [(f"The capital of country {i} is", "Paris") for i in range(n)]
 
 
-def main(argv):
-    import jax
+def hparams(name: str, cfg):
+    import dataclasses
 
     from configs import get_hparams
-    from mirage_jax.datasets import EditRequest
-    from mirage_jax.editing.mend import mend_edit, train_mend
+    from mirage_jax.editing.mend import MATRICES
 
-    cfg, params, tok, name = load()
     hp = get_hparams("MEND", name, key="llama-2-7b" if FLAGS.random_llama7b else None)
+    if FLAGS.random_llama7b and FLAGS.layers:  # the paper's last three layers of a shorter stack
+        last = range(cfg.num_layers - 3, cfg.num_layers)
+        hp = dataclasses.replace(hp, inner_params=tuple((l, n) for l in last for n in MATRICES))
+    return hp
+
+
+def seconds(fn, sync):
+    t0 = time.perf_counter()
+    sync(fn())
+    return time.perf_counter() - t0
+
+
+def time_ours(cfg, params, tok, hp, edits, loc, reqs):
+    import jax
+
+    from mirage_jax.editing.mend import inner_kernels, mend_edit, train_mend
+
+    sync = jax.block_until_ready
+    editor = {}
+
+    def train(i, n):
+        editor["v"], _ = train_mend(params, cfg, tok, edits[i: i + n], loc[i: i + n], hp, steps=n,
+                                    editor=editor.get("v"))
+        return editor["v"]
+
+    first = seconds(lambda: train(0, 1), sync)
+    steady = seconds(lambda: train(1, FLAGS.steps), sync)
+    edit = lambda r: inner_kernels(mend_edit(params, cfg, tok, [r], hp)[0], hp.inner_params)  # noqa: E731
+    edit_first = seconds(lambda: edit(reqs[0]), sync)
+    edit_s = sum(seconds(lambda r=r: edit(r), sync) for r in reqs[1:])
+    return {"meta_first_s": first, "meta_steps_per_s": FLAGS.steps / steady,
+            "edit_first_s": edit_first, "edits_per_s": FLAGS.edits / edit_s, "new_kernels": edit(reqs[0])}
+
+
+def time_torch(model, tok, hp, edits, loc, reqs, device):
+    import numpy as np
+    import torch
+
+    import torch_mend as tm
+    from mirage_jax.editing.mend import _batches
+
+    def batch(p, t):
+        tokens, attn, tmask = (torch.from_numpy(np.array(a)).to(device) for a in _batches(tok, [p], [t]))
+        return tokens.long(), attn.long(), tmask
+
+    def sync(_):
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    tm.prepare(model, hp.inner_params)
+    mend = tm.TorchMEND(model, hp.inner_params, hp.rank, hp.n_hidden, hp.edit_lr).to(device)
+    opt = tm.optimizer(mend, hp)
+    step = lambda i: tm.meta_step(model, mend, opt, i, hp, batch(*edits[i]), batch(*loc[i]))  # noqa: E731
+    first = seconds(lambda: step(0), sync)
+    steady = seconds(lambda: [step(i) for i in range(1, FLAGS.steps + 1)], sync)
+    fresh = tm.TorchMEND(model, hp.inner_params, hp.rank, hp.n_hidden, hp.edit_lr).to(device)  # untrained
+    edit = lambda r: tm.edit(model, fresh, batch(r.prompt, r.target_new))  # noqa: E731
+    edit_first = seconds(lambda: edit(reqs[0]), sync)
+    edit_s = sum(seconds(lambda r=r: edit(r), sync) for r in reqs[1:])
+    return {"meta_first_s": first, "meta_steps_per_s": FLAGS.steps / steady,
+            "edit_first_s": edit_first, "edits_per_s": FLAGS.edits / edit_s, "new_weights": edit(reqs[0])}
+
+
+def main(argv):
+    import jax
+    import numpy as np
+
+    from mirage_jax.datasets import EditRequest
+
+    cfg, params, tok, name, hf_config = load_edit_subject(FLAGS.model, FLAGS.random_llama7b, FLAGS.tokenizer,
+                                                          FLAGS.layers)
+    hp = hparams(name, cfg)
     edits, loc = pairs(FLAGS.steps + 1, 5000)
-    t0 = time.perf_counter()
-    editor, _ = train_mend(params, cfg, tok, edits[:1], loc[:1], hp, steps=1)
-    jax.block_until_ready(editor)
-    first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    editor, _ = train_mend(params, cfg, tok, edits[1:], loc[1:], hp, steps=FLAGS.steps, editor=editor)
-    jax.block_until_ready(editor)
-    train_s = time.perf_counter() - t0
     reqs = [EditRequest(i, p, "", t, None, None, (), None) for i, (p, t) in enumerate(pairs(FLAGS.edits + 1, 0)[0])]
-    t0 = time.perf_counter()
-    jax.block_until_ready(mend_edit(params, cfg, tok, reqs[:1], hp)[0])
-    edit_first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for r in reqs[1:]:
-        jax.block_until_ready(mend_edit(params, cfg, tok, [r], hp)[0])
-    edit_s = time.perf_counter() - t0
-    out = {"model": name, "device": jax.devices()[0].device_kind,
-           "meta_steps_per_s": FLAGS.steps / train_s, "meta_first_step_s": first,
-           "edits_per_s": FLAGS.edits / edit_s, "edit_first_s": edit_first}
-    print(f"MEND {name} on {out['device']}: meta-training {out['meta_steps_per_s']:.2f} steps/s "
-          f"(first step incl. compile {first:.1f} s); editing {out['edits_per_s']:.2f} edits/s "
-          f"(first edit incl. compile {edit_first:.1f} s)")
+    device_kind = jax.devices()[0].device_kind
+    print(f"MEND {name}: inner {hp.inner_params}, rank {hp.rank}, accumulate {hp.accumulate}; "
+          f"{FLAGS.steps} meta steps and {FLAGS.edits} edits timed after the first")
+    ours = time_ours(cfg, params, tok, hp, edits, loc, reqs)
+    theirs, note = None, "PyTorch baseline not run (--notorch)"
+    if FLAGS.torch:
+        import torch
+
+        device = "cuda" if jax.devices()[0].platform == "gpu" and torch.cuda.is_available() else "cpu"
+        if jax.devices()[0].platform == "gpu" and device == "cpu":
+            note = "PyTorch baseline skipped: our side ran on the GPU, torch has no CUDA here"
+        else:
+            model = torch_twin(cfg, params, hf_config, device)
+            theirs = time_torch(model, tok, hp, edits, loc, reqs, device)
+            note = f"PyTorch {torch.__version__} eager on {device} ({torch.get_num_threads()} threads), same weights"
+            want = {k: np.asarray(jax.device_get(v), np.float32).T for k, v in ours["new_kernels"].items()}
+            got = [v.detach().float().cpu().numpy() for v in theirs["new_weights"].values()]
+            diff = max(float(np.abs(w - g).max()) for w, g in zip(want.values(), got))
+            scale = max(float(np.abs(w).max()) for w in want.values())
+            note += f"; untrained-editor new weights agree to max |diff| {diff:.2e} (max |W| {scale:.2e})"
+
+    print(note)
+    print(f"{'':22}{'ours (JAX)':>14}{'PyTorch':>14}{'speed-up':>14}")
+    out = {"model": name, "device": device_kind, "ours": {}, "torch": {}}
+    for key, label in (("meta_steps_per_s", "meta steps/s"), ("meta_first_s", "first step s"),
+                       ("edits_per_s", "edits/s"), ("edit_first_s", "first edit s")):
+        a = ours[key]
+        b = theirs[key] if theirs else None
+        ratio = (a / b if key.endswith("per_s") else b / a) if b else None
+        out["ours"][key], out["torch"][key] = a, b
+        print(f"{label:22}{a:14.3f}{(f'{b:14.3f}' if b else '-'.rjust(14))}"
+              f"{(f'{ratio:13.2f}x' if ratio else '-'.rjust(14))}")
     print(json.dumps(out))
 
 

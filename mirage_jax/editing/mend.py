@@ -23,6 +23,8 @@ Deviations from the seed code (spec 4.5), deliberate:
 - Edit loss: teacher-forced NLL of the target tokens from `make_batch` (the seed's labels are the
   target re-tokenised with BOS and aligned to the last |labels| predictions **[QUIRK]**).
 - Tokens whose x or δ is all zero are masked out (the seed drops them: ``nz_mask``).
+- Optional rephrase term ``crephrase``: the post-edit NLL of the target after the edit's
+  paraphrase, as in the MEND paper (the seed builds that batch and ignores it; default 0).
 
 Editor: Flax **linen** (`MENDNet`); its variables are ``{"params", "norm_stats"}``.
 
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 from typing import Any, Sequence
 
@@ -52,6 +55,7 @@ from mirage_jax.tokens import make_batch
 
 Inner = tuple[tuple[int, str], ...]
 MATRICES = ("gate", "up", "down")
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +71,9 @@ class MENDConfig:
     lr_lr: float = 1e-4  # Adam learning rate of the step sizes η
     cedit: float = 0.1  # weight of the post-edit NLL in the meta-loss
     cloc: float = 1.0  # weight of KL(pre ‖ post) on the locality inputs
+    # Weight of the post-edit target NLL after a *rephrased* prompt (the MEND paper's equivalence
+    # loss). The seed builds the rephrase batch and never uses it, so 0 reproduces the seed.
+    crephrase: float = 0.0
     accumulate: int = 10  # edits whose meta-gradients are accumulated per optimiser step
     grad_clip: float = 100.0  # global-norm clip of the meta-gradient
     batch_size: int = 1  # requests per edit in batch mode
@@ -285,12 +292,29 @@ def _edit(net, variables, params, cfg, hp, tokens, attn_mask, target_mask):
     return inner_kernels(new, hp.inner_params), loss  # only the edited leaves leave the jit
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_once(dtype: str) -> None:
+    log.warning("MEND on %s weights: an update η·G below the weights' resolution is rounded away "
+                "(default model, untrained editor: 80%% of the inner-kernel entries change in float32, "
+                "0.05%% in bfloat16); edit in float32 where memory allows, as the seed does", dtype)
+
+
+def _warn_low_precision(params: Any, hp: MENDConfig) -> None:
+    """Once per dtype: a warning when the edited kernels are stored in less than float32 (the
+    update is cast to the kernel dtype, see `replace_mlp_kernels`)."""
+    l, n = hp.inner_params[0]
+    dtype = params["layers"][l]["mlp"][n]["kernel"].dtype
+    if jnp.finfo(dtype).bits < 32:
+        _warn_once(str(dtype))
+
+
 def mend_edit(params: Any, cfg: ModelConfig, tokenizer: Any, requests: Sequence[Any], hp: MENDConfig,
               editor: dict | None = None) -> tuple[Any, dict]:
     """Edit with MEND -> (new params, info). `editor` is the editor's variables (from `train_mend`
     or `load_editor`); None loads `hp.archive`, or builds the untrained identity editor (one SGD
     step of size `edit_lr`). The input pytree is untouched."""
     net, init = make_editor(cfg, params, hp)
+    _warn_low_precision(params, hp)
     if editor is None:
         editor = _archived_editor(hp.archive, net.shapes, hp) if hp.archive else init
     b = make_batch(tokenizer, [r.prompt for r in requests], [r.target_new for r in requests])
@@ -310,13 +334,21 @@ def _answer_kl(pre_logits, post_logits, target_mask):
     return (kl * m).sum() / jnp.maximum(m.sum(), 1)
 
 
-def _meta_loss(trainable, stats, net, params, cfg, hp, edit, loc):
+def _meta_loss(trainable, stats, net, params, cfg, hp, edit, loc, rephrase=None):
+    """cedit·NLL(edit | edited) + cloc·KL(pre ‖ post on loc) [+ crephrase·NLL(rephrase | edited)].
+
+    `edit`, `loc`, `rephrase` are (tokens, attn_mask, target_mask) batches; only the editor's
+    variables are differentiated (x and δ depend on the frozen model alone)."""
     variables = {"params": trainable, "norm_stats": stats}
     new, _, new_stats = _apply_editor(net, variables, params, cfg, hp, *edit, update_stats=True)
-    edit_loss = target_nll(forward(new, cfg, edit[0], attn_mask=edit[1]).logits, edit[0], edit[2])
+    nll = lambda b: target_nll(forward(new, cfg, b[0], attn_mask=b[1]).logits, b[0], b[2])  # noqa: E731
+    edit_loss = nll(edit)
     pre = jax.lax.stop_gradient(forward(params, cfg, loc[0], attn_mask=loc[1]).logits)
     loc_kl = _answer_kl(pre, forward(new, cfg, loc[0], attn_mask=loc[1]).logits, loc[2])
-    return hp.cedit * edit_loss + hp.cloc * loc_kl, (new_stats, edit_loss, loc_kl)
+    loss = hp.cedit * edit_loss + hp.cloc * loc_kl
+    if rephrase is not None:
+        loss = loss + hp.crephrase * nll(rephrase)
+    return loss, (new_stats, edit_loss, loc_kl)
 
 
 def meta_optimizer(hp: MENDConfig) -> optax.GradientTransformation:
@@ -338,9 +370,9 @@ def _cached_optimizer(hp: MENDConfig) -> optax.GradientTransformation:
 
 
 @functools.partial(jax.jit, static_argnames=("net", "cfg", "hp"))
-def _meta_step(net, cfg, hp, trainable, stats, opt_state, params, edit, loc):
+def _meta_step(net, cfg, hp, trainable, stats, opt_state, params, edit, loc, rephrase=None):
     (loss, (new_stats, el, kl)), g = jax.value_and_grad(_meta_loss, has_aux=True)(
-        trainable, stats, net, params, cfg, hp, edit, loc)
+        trainable, stats, net, params, cfg, hp, edit, loc, rephrase)
     upd, opt_state = _cached_optimizer(hp).update(g, opt_state, trainable)
     return optax.apply_updates(trainable, upd), new_stats, opt_state, loss, el, kl
 
@@ -404,36 +436,56 @@ def load_editor(path: str, like: dict) -> dict:
 
 
 @functools.partial(jax.jit, static_argnames=("net", "cfg", "hp"))
-def _post_edit_metrics(net, variables, params, cfg, hp, tokens, attn_mask, target_mask):
-    """(teacher-forced target-token accuracy, target NLL) of the model after this edit."""
-    new, _, _ = _apply_editor(net, variables, params, cfg, hp, tokens, attn_mask, target_mask)
-    logits = forward(new, cfg, tokens, attn_mask=attn_mask).logits
-    m = target_mask[:, 1:]
-    hit = (jnp.argmax(logits[:, :-1], -1) == tokens[:, 1:]).astype(jnp.float32)
-    return (hit * m).sum() / jnp.maximum(m.sum(), 1), target_nll(logits, tokens, target_mask)
+def _post_edit_metrics(net, variables, params, cfg, hp, edit, probes):
+    """Edit with the `edit` batch, then (teacher-forced target-token accuracy, target NLL) of the
+    edited model on each batch of `probes` (the edit itself, its rephrase, ...)."""
+    new, _, _ = _apply_editor(net, variables, params, cfg, hp, *edit)
+    out = []
+    for tokens, attn_mask, target_mask in probes:
+        logits = forward(new, cfg, tokens, attn_mask=attn_mask).logits
+        m = target_mask[:, 1:]
+        hit = (jnp.argmax(logits[:, :-1], -1) == tokens[:, 1:]).astype(jnp.float32)
+        out.append(((hit * m).sum() / jnp.maximum(m.sum(), 1), target_nll(logits, tokens, target_mask)))
+    return out
 
 
 def validate_editor(params: Any, cfg: ModelConfig, tokenizer: Any, edits: Sequence[tuple[str, str]],
-                    hp: MENDConfig, editor: dict) -> dict:
+                    hp: MENDConfig, editor: dict, rephrases: Sequence[str] = ()) -> dict:
     """Each held-out edit (prompt, target) applied alone -> {"edit_success": mean teacher-forced
-    target-token accuracy after the edit, "post_nll": mean post-edit target NLL}."""
+    target-token accuracy after the edit, "post_nll": mean post-edit target NLL}, plus
+    "rephrase_success" (the same accuracy after `rephrases[i]`, edit i's paraphrase) when given."""
     net, _ = make_editor(cfg, params, hp)
-    acc, nll = [], []
-    for p, t in edits:
-        a, n = _post_edit_metrics(net, editor, params, cfg, hp, *_batches(tokenizer, [p], [t]))
-        acc.append(float(a))
-        nll.append(float(n))
-    return {"edit_success": float(np.mean(acc)), "post_nll": float(np.mean(nll))}
+    rows = []
+    for i, (p, t) in enumerate(edits):
+        edit = _batches(tokenizer, [p], [t])
+        probes = (edit, _batches(tokenizer, [rephrases[i]], [t])) if rephrases else (edit,)
+        rows.append([float(v) for pair in _post_edit_metrics(net, editor, params, cfg, hp, edit, probes)
+                     for v in pair])
+    rows = np.asarray(rows)
+    out = {"edit_success": float(rows[:, 0].mean()), "post_nll": float(rows[:, 1].mean())}
+    if rephrases:
+        out["rephrase_success"] = float(rows[:, 2].mean())
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
 class MENDTrainingData:
     """Meta-training material: `edits` (prompt, target_new), `locality` (question, answer) and
-    held-out `val_edits` (prompt, target_new) for validation / early stopping."""
+    held-out `val_edits` (prompt, target_new) for validation / early stopping. `rephrases` /
+    `val_rephrases` are the paraphrased prompts of `edits` / `val_edits`, index by index (empty
+    when the data has none; needed for `crephrase > 0`)."""
 
     edits: tuple[tuple[str, str], ...]
     locality: tuple[tuple[str, str], ...]
     val_edits: tuple[tuple[str, str], ...]
+    rephrases: tuple[str, ...] = ()
+    val_rephrases: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        for name, got, want in (("rephrases", self.rephrases, self.edits),
+                                ("val_rephrases", self.val_rephrases, self.val_edits)):
+            if got and len(got) != len(want):
+                raise ValueError(f"MENDTrainingData: {name} has {len(got)} entries for {len(want)} edits")
 
 
 def _is_zsre(path: str) -> bool:
@@ -455,7 +507,8 @@ def mend_training_edits(path: str, start: int | None = None, val_size: int = 200
     evaluating the edits (the runner's ``--ds_size`` takes the first records). Records ``start``
     onwards (at most `limit` of them) are used: the last `val_size` are the held-out validation
     edits, the rest are training edits (prompt, target_new), and every used training record with
-    a locality pair contributes (locality prompt, answer). Malformed records are skipped."""
+    a locality pair contributes (locality prompt, answer); each record's rephrased prompt (its own
+    prompt where it has none) fills `rephrases` / `val_rephrases`. Malformed records are skipped."""
     from mirage_jax.datasets import load_counterfact, load_zsre
 
     zsre = _is_zsre(path)
@@ -471,8 +524,9 @@ def mend_training_edits(path: str, start: int | None = None, val_size: int = 200
     loc = tuple((lp.prompt, lp.answer) for r in train for lp in r.locality[:1])
     if not loc:
         raise ValueError(f"MEND training data: no locality pairs in {path} from index {start}")
+    rephrase = lambda rs: tuple(r.rephrase or r.prompt for r in rs)  # noqa: E731
     return MENDTrainingData(tuple((r.prompt, r.target_new) for r in train), loc,
-                            tuple((r.prompt, r.target_new) for r in val))
+                            tuple((r.prompt, r.target_new) for r in val), rephrase(train), rephrase(val))
 
 
 def _order(n: int, seed: int, stream: int, i: int) -> int:
@@ -530,9 +584,10 @@ def train_editor(params: Any, cfg: ModelConfig, tokenizer: Any, data: MENDTraini
     """Meta-train a MEND editor with validation, early stopping and checkpoints (fixes spec 4.5's
     seed bugs: the stopper is updated, and the *best* editor is kept, not the latest).
 
-    One training edit + one locality pair per step, both drawn in a seeded per-epoch shuffled
-    order. Every `val_every` steps (and at the last step) the editor is validated on
-    `data.val_edits` (`validate_editor`: post-edit edit success + post-edit NLL). A strictly
+    One training edit (with its rephrase when ``hp.crephrase > 0``) + one locality pair per step,
+    both drawn in a seeded per-epoch shuffled order. Every `val_every` steps (and at the last step)
+    the editor is validated on `data.val_edits` (`validate_editor`: post-edit edit success and NLL,
+    and rephrase success when the data has `val_rephrases`). A strictly
     better edit success (by more than `min_delta`) saves the editor to ``out_dir/best`` (plain
     editor variables, usable as ``--hp archive=``; score in ``out_dir/best.json``); otherwise a
     patience counter grows and training stops once it reaches `patience` validations. After each
@@ -550,6 +605,8 @@ def train_editor(params: Any, cfg: ModelConfig, tokenizer: Any, data: MENDTraini
         raise ValueError("train_editor: steps, val_every and patience must be >= 1")
     if not data.edits or not data.locality or not data.val_edits:
         raise ValueError("train_editor: need training edits, locality pairs and validation edits")
+    if hp.crephrase and not data.rephrases:
+        raise ValueError("train_editor: crephrase > 0 needs rephrased prompts (MENDTrainingData.rephrases)")
     net, init = make_editor(cfg, params, hp)
     opt = _cached_optimizer(hp)
     trainable, stats = init["params"], init["norm_stats"]
@@ -580,18 +637,19 @@ def train_editor(params: Any, cfg: ModelConfig, tokenizer: Any, data: MENDTraini
     bar = tqdm(total=steps, initial=step, disable=not progress, desc="MEND", dynamic_ncols=True)
     try:
         while step < steps and not stopped:
-            (ep, et), (lp, lt) = (data.edits[_order(len(data.edits), seed, 0, step)],
-                                  data.locality[_order(len(data.locality), seed, 1, step)])
+            i = _order(len(data.edits), seed, 0, step)
+            (ep, et), (lp, lt) = data.edits[i], data.locality[_order(len(data.locality), seed, 1, step)]
             edit, loc = _batches(tokenizer, [ep], [et]), _batches(tokenizer, [lp], [lt])
+            rephrase = _batches(tokenizer, [data.rephrases[i]], [et]) if hp.crephrase else None
             trainable, stats, opt_state, loss, el, kl = _meta_step(net, cfg, hp, trainable, stats, opt_state,
-                                                                   params, edit, loc)
+                                                                   params, edit, loc, rephrase)
             step += 1
             log.append({"step": step, "loss": float(loss), "edit_nll": float(el), "loc_kl": float(kl)})
             bar.update(1)
             post = {"loss": f"{float(loss):.3f}"}
             if step % val_every == 0 or step == steps:
                 variables = {"params": trainable, "norm_stats": stats}
-                val = validate_editor(params, cfg, tokenizer, data.val_edits, hp, variables)
+                val = validate_editor(params, cfg, tokenizer, data.val_edits, hp, variables, data.val_rephrases)
                 history.append({"step": step, **val})
                 if val["edit_success"] > best + min_delta:
                     best, best_step, bad = val["edit_success"], step, 0
