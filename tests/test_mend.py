@@ -344,3 +344,11 @@ def test_benchmark_baseline_agrees_with_ours(tiny):
     for k, name in zip(INNER, tm.weight_names(INNER)):
         assert float(jnp.abs(ours[k] - tiny.params["layers"][k[0]]["mlp"][k[1]]["kernel"]).max()) > 0
         np.testing.assert_allclose(np.asarray(ours[k]).T, theirs[name].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_archive_of_another_config_is_a_clear_error(tiny, tmp_path):
+    save_editor(str(tmp_path / "editor"), make_editor(tiny.cfg, tiny.params, HP)[1])
+    reqs = [SimpleNamespace(prompt=PROMPTS[0], target_new=TARGETS[0])]
+    with pytest.raises(ValueError, match=r"does not fit .*\['u'\] is \(16, 160\) there, \(8, 160\) here"):
+        mend_edit(tiny.params, tiny.cfg, tiny.tokenizer, reqs,
+                  dataclasses.replace(HP, rank=8, archive=str(tmp_path / "editor")))

@@ -425,10 +425,24 @@ def save_editor(path: str, editor: dict) -> None:
 
 
 def load_editor(path: str, like: dict) -> dict:
-    """Read an editor saved by `save_editor`; `like` (e.g. `make_editor(...)[1]`) gives the tree."""
+    """Read an editor saved by `save_editor`; `like` (e.g. `make_editor(...)[1]`) gives the tree.
+
+    An editor trained for other inner matrices, rank or depth is a one-line ValueError naming the
+    first leaf that differs (not orbax's restore error from deep inside its event loop)."""
     import orbax.checkpoint as ocp
 
+    def shapes(tree):  # the editor's own variables (an optimiser state's tree differs on disk)
+        return {jax.tree_util.keystr(k): tuple(v.shape) for part in ("params", "norm_stats")
+                for k, v in jax.tree_util.tree_leaves_with_path({part: tree.get(part, {})})}
+
     with ocp.StandardCheckpointer() as ckpt:
+        meta = ckpt.metadata(path)
+        stored, want = shapes(getattr(meta, "item_metadata", meta)), shapes(like)
+        if stored != want:
+            key = next(k for k in sorted(set(stored) | set(want)) if stored.get(k) != want.get(k))
+            raise ValueError(f"MEND editor {path} does not fit this model and config: {key} is "
+                             f"{stored.get(key, 'absent')} there, {want.get(key, 'absent')} here; use the "
+                             f"inner_params / rank / n_hidden it was trained with (--hp key=value)")
         return ckpt.restore(path, jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like))
 
 
