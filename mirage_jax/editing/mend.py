@@ -80,6 +80,9 @@ class MENDConfig:
     archive: str | None = None  # orbax checkpoint of a trained editor; None = untrained (identity) editor
     seed: int = 0  # PRNG seed of the editor initialisation
 
+    def __post_init__(self):  # JSON (--hp, best.json) gives lists; the jit cache needs hashable tuples
+        object.__setattr__(self, "inner_params", tuple((int(l), str(n)) for l, n in self.inner_params))
+
 
 # --- the edit loss and the per-token pairs (x, δ) -------------------------------------------
 
@@ -669,7 +672,7 @@ def train_editor(params: Any, cfg: ModelConfig, tokenizer: Any, data: MENDTraini
                     best, best_step, bad = val["edit_success"], step, 0
                     best_editor = jax.device_get(variables)
                     if out_dir:
-                        _save_best(out_dir, best_editor, {"step": step, **val})
+                        _save_best(out_dir, best_editor, {"step": step, **val, "hparams": architecture(hp)})
                 else:
                     bad += 1
                 stopped = bad >= patience
@@ -689,6 +692,35 @@ def train_editor(params: Any, cfg: ModelConfig, tokenizer: Any, data: MENDTraini
     return best_editor, info
 
 
+ARCHITECTURE = ("inner_params", "rank", "n_hidden", "norm", "descent")  # what an archive fixes
+
+
+def architecture(hp: MENDConfig) -> dict:
+    """The fields a trained editor is bound to (its shapes and how its output is applied)."""
+    return {k: getattr(hp, k) for k in ARCHITECTURE}
+
+
+def with_archive_architecture(hp: MENDConfig) -> MENDConfig:
+    """`hp` with the architecture recorded beside its archive (``<archive>.json``, written by
+    `train_editor`), so an editor trained with ``--hp rank=256`` edits without repeating it.
+    A differing request is logged, not silently kept: the archive decides."""
+    import json
+
+    meta_path = hp.archive.rstrip("/") + ".json"
+    if not os.path.exists(meta_path):
+        return hp
+    with open(meta_path) as f:
+        recorded = json.load(f).get("hparams")
+    if not recorded:
+        return hp
+    recorded = dict(recorded, inner_params=MENDConfig(inner_params=recorded["inner_params"]).inner_params)
+    differ = {k: (getattr(hp, k), v) for k, v in recorded.items() if k in ARCHITECTURE and getattr(hp, k) != v}
+    if differ:
+        log.warning("MEND archive %s was trained with %s; using those, not %s", hp.archive,
+                    {k: v for k, (_, v) in differ.items()}, {k: h for k, (h, _) in differ.items()})
+    return dataclasses.replace(hp, **{k: v for k, (_, v) in differ.items()})
+
+
 def default_archive_dir(model_name: str, root: str = "results/mend") -> str:
     """Where `launch.py` keeps a model's trained MEND editor: ``<root>/<model name>/best``."""
     safe = model_name.strip("/").replace(os.sep, "_") or "model"
@@ -700,11 +732,10 @@ def resolve_archive(hp: MENDConfig, model: Any, train_data: str | None = None, t
     """`hp` with `archive` set for a run: the given one, else ``<root>/<model>/best``, else (with
     `train_data`, a ZsRE training split or a CounterFact file) train one there first; otherwise a
     one-line ValueError."""
-    hp = dataclasses.replace(hp, inner_params=tuple((int(l), str(n)) for l, n in hp.inner_params))  # --hp JSON lists
     if hp.archive:
         if not os.path.exists(hp.archive):
             raise ValueError(f"MEND archive {hp.archive} does not exist")
-        return dataclasses.replace(hp, archive=os.path.abspath(hp.archive))
+        return with_archive_architecture(dataclasses.replace(hp, archive=os.path.abspath(hp.archive)))
     best = _recover(default_archive_dir(model.name, root))
     if not os.path.exists(best) and train_data:
         data = mend_training_edits(train_data, **{k: train_kw.pop(k) for k in ("start", "val_size", "limit")
@@ -713,5 +744,7 @@ def resolve_archive(hp: MENDConfig, model: Any, train_data: str | None = None, t
                      resume=True, **train_kw)
     if not os.path.exists(best):
         raise ValueError(f"MEND needs a trained editor: none at {best}; pass --hp archive=<dir>, or train one with "
-                         f"--mend_train_data=<zsre_mend_train.json | counterfact.json> [--mend_train_steps=N]")
-    return dataclasses.replace(hp, archive=best)
+                         f"--mend_train_data=<zsre_mend_train.json | counterfact.json> [--mend_train_steps=N] "
+                         f"or python -m mirage_jax.editing.mend_train")
+    return with_archive_architecture(dataclasses.replace(hp, archive=best))
+
