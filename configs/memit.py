@@ -20,11 +20,17 @@ MEMIT = {
     "smollm2-135m": MEMITConfig(layers=(3, 4, 5, 6, 7), mom2_update_weight=1000.0),
 }
 
-# AlphaEdit: same layers; z optimisation with v_lr 0.1 and clamp 0.75, null space of the
-# eigenvalues < 2e-2, ridge 10 (the values of AlphaEdit's released Llama-3-8B hparams as we know
-# them -- check against your copy before quoting results).
-ALPHAEDIT = {k: dataclasses.replace(v, algorithm="alphaedit", v_lr=0.1, clamp_norm_factor=0.75,
-                                    nullspace_threshold=2e-2, l2_reg=10.0) for k, v in MEMIT.items()}
+# AlphaEdit, from its released hyper-parameters (EasyEdit hparams/AlphaEdit/*.yaml): null space
+# of the covariance eigenvalues < 2e-2 and the ridge α ("L2") of its normal equations, with its own
+# value-optimisation settings. Llama-3-8B: v_lr 0.1, clamp 0.75, weight decay 0.5, α 10; Qwen2.5-7B:
+# MEMIT's v_lr 0.5 / clamp 4 / decay 1e-3 with α 1; GPT-J: layers 3-8, v_lr 0.5, clamp 0.75, decay
+# 0.5, 25 steps, α 10. No release for Llama-2-7B / Mistral-7B: they take Llama-3-8B's (unverified).
+_ALPHA_LLAMA3 = dict(algorithm="alphaedit", v_lr=0.1, clamp_norm_factor=0.75, v_weight_decay=0.5,
+                     nullspace_threshold=2e-2, l2_reg=10.0)
+ALPHAEDIT = {k: dataclasses.replace(v, **_ALPHA_LLAMA3) for k, v in MEMIT.items()}
+ALPHAEDIT["qwen2.5-7b"] = dataclasses.replace(MEMIT["qwen2.5-7b"], algorithm="alphaedit", l2_reg=1.0)
+ALPHAEDIT["gpt-j"] = dataclasses.replace(ALPHAEDIT["gpt-j"], v_lr=0.5, v_num_grad_steps=25)
 # Default model: with v_lr 0.1 / clamp 0.75 its z never reaches the target (loss 1.7-3.8 after 25
 # steps on the demo facts); MEMIT's v_lr 0.5 / clamp 4 reach it and the edit holds (1.00).
-ALPHAEDIT["smollm2-135m"] = dataclasses.replace(ALPHAEDIT["smollm2-135m"], v_lr=0.5, clamp_norm_factor=4.0)
+ALPHAEDIT["smollm2-135m"] = dataclasses.replace(ALPHAEDIT["smollm2-135m"], v_lr=0.5, clamp_norm_factor=4.0,
+                                                v_weight_decay=1e-3)

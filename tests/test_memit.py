@@ -156,3 +156,17 @@ def test_default_model_memit_edits_demo_facts(tmp_path):
     new, info = memit_edit(model.params, model.cfg, model.tokenizer, reqs, hp, stats)
     assert np.mean(token_accuracy(new, model.cfg, model.tokenizer, prompts, targets)) >= 0.9
     assert max(info["z_loss"]) < 0.2
+
+
+def test_alphaedit_configs_match_its_release():
+    """The values of AlphaEdit's released yaml files (EasyEdit hparams/AlphaEdit), which differ from
+    MEMIT's in the value optimisation (weight decay 0.5 on Llama-3-8B) and in α (1 on Qwen2.5-7B)."""
+    from configs import get_hparams
+
+    llama3 = get_hparams("AlphaEdit", "Meta-Llama-3-8B-Instruct")
+    assert (llama3.layers, llama3.v_lr, llama3.clamp_norm_factor, llama3.v_weight_decay, llama3.l2_reg,
+            llama3.nullspace_threshold) == ((4, 5, 6, 7, 8), 0.1, 0.75, 0.5, 10.0, 2e-2)
+    qwen = get_hparams("AlphaEdit", "Qwen2.5-7B-Instruct")
+    assert (qwen.v_lr, qwen.clamp_norm_factor, qwen.v_weight_decay, qwen.l2_reg) == (0.5, 4.0, 1e-3, 1.0)
+    gptj = get_hparams("AlphaEdit", "gpt-j-6B")
+    assert (gptj.layers, gptj.v_lr, gptj.v_weight_decay, gptj.v_num_grad_steps) == ((3, 4, 5, 6, 7, 8), 0.5, 0.5, 25)
