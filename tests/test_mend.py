@@ -389,3 +389,32 @@ def test_train_command_writes_an_editor_launch_can_use(tiny, tmp_path):
     bad = subprocess.run([a for a in cmd if not a.startswith("--start")] + ["--start=18"],
                          capture_output=True, text=True, cwd=root, env=env, timeout=600)
     assert bad.returncode != 0 and "error: MEND training data" in bad.stderr
+
+
+def test_meta_loss_is_its_formula(tiny):
+    """Value and meta-gradient of the jitted meta-loss equal cedit·NLL(edit) + cloc·KL(pre ‖ post
+    on the locality answer) + crephrase·NLL(rephrase), written out with plain forwards."""
+    from mirage_jax.editing.mend import _answer_kl, _apply_editor, _batches, _meta_loss
+
+    hp = dataclasses.replace(TRAIN_HP, inner_params=((1, "up"), (1, "down")), crephrase=0.3)
+    net, init = make_editor(tiny.cfg, tiny.params, hp)
+    bump = lambda a: a + 1e-2 * jnp.sin(jnp.arange(a.size, dtype=a.dtype)).reshape(a.shape)  # noqa: E731
+    variables = dict(init, params=jax.tree_util.tree_map(bump, init["params"]))
+    b = lambda p, t: _batches(tiny.tokenizer, [p], [t])  # noqa: E731
+    edit, loc, reph = b("t10 t11 t12", "t50 t51"), b("t99 t98", "t97"), b("t11 t10 t30 t12", "t50 t51")
+    stats, P, cfg = variables["norm_stats"], tiny.params, tiny.cfg
+
+    def reference(trainable):
+        new, _, _ = _apply_editor(net, {"params": trainable, "norm_stats": stats}, P, cfg, hp, *edit,
+                                  update_stats=True)
+        logits = lambda p, x: forward(p, cfg, x[0], attn_mask=x[1]).logits  # noqa: E731
+        nll = lambda x: target_nll(logits(new, x), x[0], x[2])  # noqa: E731
+        return hp.cedit * nll(edit) + hp.cloc * _answer_kl(logits(P, loc), logits(new, loc), loc[2]) \
+            + hp.crephrase * nll(reph)
+
+    want, g_want = jax.value_and_grad(reference)(variables["params"])
+    (got, _), g_got = jax.value_and_grad(_meta_loss, has_aux=True)(variables["params"], stats, net, P, cfg, hp,
+                                                                   edit, loc, reph)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for a, c in zip(jax.tree_util.tree_leaves(g_got), jax.tree_util.tree_leaves(g_want)):
+        np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-8)
