@@ -84,8 +84,9 @@ def torch_twin(cfg, params, hf_config: dict, device: str = "cpu"):
     import torch
     import transformers
 
-    dtype = str(jax_dtype(params))
-    tdtype = getattr(torch, dtype)
+    import jax
+
+    tdtype = getattr(torch, str(jax.tree_util.tree_leaves(params)[0].dtype))
     conf = transformers.AutoConfig.for_model(**{k: v for k, v in hf_config.items() if k != "architectures"})
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(conf, dtype=tdtype)
@@ -100,8 +101,3 @@ def torch_twin(cfg, params, hf_config: dict, device: str = "cpu"):
             state[name].copy_(t.to(tdtype))
     return model.eval()
 
-
-def jax_dtype(params):
-    import jax
-
-    return jax.tree_util.tree_leaves(params)[0].dtype

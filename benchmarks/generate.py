@@ -127,8 +127,7 @@ def load_hf(dtype: str, device: str):
 
     tdtype = getattr(torch, dtype)
     if FLAGS.random_llama7b:
-        conf = llama7b_hf_config(LLAMA2_7B["vocab_size"])
-        hf_cfg = transformers.LlamaConfig(**{k: v for k, v in conf.items() if k != "model_type"})
+        hf_cfg = transformers.AutoConfig.for_model(**llama7b_hf_config(LLAMA2_7B["vocab_size"]))
         with torch.device(device):  # initialise on the GPU directly, in bf16
             model = transformers.LlamaForCausalLM._from_config(hf_cfg, dtype=tdtype)
         return model.eval()

@@ -63,12 +63,21 @@ def seconds(fn, sync):
     return time.perf_counter() - t0
 
 
+def timings(first_step, steady_steps, edit, reqs, sync) -> dict:
+    """One side's figures: the first meta step and the first edit (compilation or warm-up), then
+    steady meta steps/s and edits/s; "new" is the first request's edit, for the agreement check."""
+    first, steady = seconds(first_step, sync), seconds(steady_steps, sync)
+    edit_first = seconds(lambda: edit(reqs[0]), sync)
+    edit_s = sum(seconds(lambda r=r: edit(r), sync) for r in reqs[1:])
+    return {"meta_first_s": first, "meta_steps_per_s": FLAGS.steps / steady,
+            "edit_first_s": edit_first, "edits_per_s": FLAGS.edits / edit_s, "new": edit(reqs[0])}
+
+
 def time_ours(cfg, params, tok, hp, edits, loc, reqs):
     import jax
 
     from mirage_jax.editing.mend import inner_kernels, mend_edit, train_mend
 
-    sync = jax.block_until_ready
     editor = {}
 
     def train(i, n):
@@ -76,13 +85,8 @@ def time_ours(cfg, params, tok, hp, edits, loc, reqs):
                                     editor=editor.get("v"))
         return editor["v"]
 
-    first = seconds(lambda: train(0, 1), sync)
-    steady = seconds(lambda: train(1, FLAGS.steps), sync)
     edit = lambda r: inner_kernels(mend_edit(params, cfg, tok, [r], hp)[0], hp.inner_params)  # noqa: E731
-    edit_first = seconds(lambda: edit(reqs[0]), sync)
-    edit_s = sum(seconds(lambda r=r: edit(r), sync) for r in reqs[1:])
-    return {"meta_first_s": first, "meta_steps_per_s": FLAGS.steps / steady,
-            "edit_first_s": edit_first, "edits_per_s": FLAGS.edits / edit_s, "new_kernels": edit(reqs[0])}
+    return timings(lambda: train(0, 1), lambda: train(1, FLAGS.steps), edit, reqs, jax.block_until_ready)
 
 
 def time_torch(model, tok, hp, edits, loc, reqs, device):
@@ -104,14 +108,9 @@ def time_torch(model, tok, hp, edits, loc, reqs, device):
     mend = tm.TorchMEND(model, hp.inner_params, hp.rank, hp.n_hidden, hp.edit_lr).to(device)
     opt = tm.optimizer(mend, hp)
     step = lambda i: tm.meta_step(model, mend, opt, i, hp, batch(*edits[i]), batch(*loc[i]))  # noqa: E731
-    first = seconds(lambda: step(0), sync)
-    steady = seconds(lambda: [step(i) for i in range(1, FLAGS.steps + 1)], sync)
     fresh = tm.TorchMEND(model, hp.inner_params, hp.rank, hp.n_hidden, hp.edit_lr).to(device)  # untrained
     edit = lambda r: tm.edit(model, fresh, batch(r.prompt, r.target_new))  # noqa: E731
-    edit_first = seconds(lambda: edit(reqs[0]), sync)
-    edit_s = sum(seconds(lambda r=r: edit(r), sync) for r in reqs[1:])
-    return {"meta_first_s": first, "meta_steps_per_s": FLAGS.steps / steady,
-            "edit_first_s": edit_first, "edits_per_s": FLAGS.edits / edit_s, "new_weights": edit(reqs[0])}
+    return timings(lambda: step(0), lambda: [step(i) for i in range(1, FLAGS.steps + 1)], edit, reqs, sync)
 
 
 def main(argv):
@@ -140,10 +139,10 @@ def main(argv):
             model = torch_twin(cfg, params, hf_config, device)
             theirs = time_torch(model, tok, hp, edits, loc, reqs, device)
             note = f"PyTorch {torch.__version__} eager on {device} ({torch.get_num_threads()} threads), same weights"
-            want = {k: np.asarray(jax.device_get(v), np.float32).T for k, v in ours["new_kernels"].items()}
-            got = [v.detach().float().cpu().numpy() for v in theirs["new_weights"].values()]
-            diff = max(float(np.abs(w - g).max()) for w, g in zip(want.values(), got))
-            scale = max(float(np.abs(w).max()) for w in want.values())
+            want = [np.asarray(jax.device_get(v), np.float32).T for v in ours["new"].values()]
+            got = [v.detach().float().cpu().numpy() for v in theirs["new"].values()]
+            diff = max(float(np.abs(w - g).max()) for w, g in zip(want, got))
+            scale = max(float(np.abs(w).max()) for w in want)
             note += f"; untrained-editor new weights agree to max |diff| {diff:.2e} (max |W| {scale:.2e})"
 
     print(note)

@@ -713,12 +713,12 @@ def with_archive_architecture(hp: MENDConfig) -> MENDConfig:
         recorded = json.load(f).get("hparams")
     if not recorded:
         return hp
-    recorded = dict(recorded, inner_params=MENDConfig(inner_params=recorded["inner_params"]).inner_params)
-    differ = {k: (getattr(hp, k), v) for k, v in recorded.items() if k in ARCHITECTURE and getattr(hp, k) != v}
+    archived = dataclasses.replace(hp, **{k: recorded[k] for k in ARCHITECTURE if k in recorded})
+    differ = [k for k in ARCHITECTURE if getattr(archived, k) != getattr(hp, k)]
     if differ:
         log.warning("MEND archive %s was trained with %s; using those, not %s", hp.archive,
-                    {k: v for k, (_, v) in differ.items()}, {k: h for k, (h, _) in differ.items()})
-    return dataclasses.replace(hp, **{k: v for k, (_, v) in differ.items()})
+                    {k: getattr(archived, k) for k in differ}, {k: getattr(hp, k) for k in differ})
+    return archived
 
 
 def default_archive_dir(model_name: str, root: str = "results/mend") -> str:
