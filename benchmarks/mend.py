@@ -23,9 +23,11 @@ from pathlib import Path
 from absl import app, flags
 
 from common import load_edit_subject, torch_twin
+from mirage_jax import cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "default", "model to edit")
+cli.define_model_flags()
+flags.adopt_module_key_flags(cli)
 flags.DEFINE_bool("random_llama7b", False, "7B-shaped random bfloat16 Llama instead of --model")
 flags.DEFINE_integer("layers", None, "with --random_llama7b: this many layers (7B widths, less depth)")
 flags.DEFINE_string("tokenizer", None, "tokenizer directory for --random_llama7b")
@@ -76,14 +78,12 @@ def timings(first_step, steady_steps, edit, reqs, sync) -> dict:
 def time_ours(cfg, params, tok, hp, edits, loc, reqs):
     import jax
 
-    from mirage_jax.editing.mend import inner_kernels, mend_edit, train_mend
+    from mirage_jax.editing.mend import inner_kernels, mend_edit
+    from mirage_jax.editing.mend_train import MENDTrainingData, train_editor
 
-    editor = {}
-
-    def train(i, n):
-        editor["v"], _ = train_mend(params, cfg, tok, edits[i: i + n], loc[i: i + n], hp, steps=n,
-                                    editor=editor.get("v"))
-        return editor["v"]
+    def train(i, n):  # n steps on edits i..i+n-1, no validation: the bare training loop
+        data = MENDTrainingData(tuple(edits[i: i + n]), tuple(loc[i: i + n]), val_edits=())
+        return train_editor(params, cfg, tok, data, hp, n, progress=False)[0]
 
     edit = lambda r: inner_kernels(mend_edit(params, cfg, tok, [r], hp)[0], hp.inner_params)  # noqa: E731
     return timings(lambda: train(0, 1), lambda: train(1, FLAGS.steps), edit, reqs, jax.block_until_ready)
@@ -94,7 +94,7 @@ def time_torch(model, tok, hp, edits, loc, reqs, device):
     import torch
 
     import torch_mend as tm
-    from mirage_jax.editing.mend import _batches
+    from mirage_jax.editing.mend_train import _batches
 
     def batch(p, t):
         tokens, attn, tmask = (torch.from_numpy(np.array(a)).to(device) for a in _batches(tok, [p], [t]))
@@ -120,7 +120,7 @@ def main(argv):
     from mirage_jax.datasets import EditRequest
 
     cfg, params, tok, name, hf_config = load_edit_subject(FLAGS.model, FLAGS.random_llama7b, FLAGS.tokenizer,
-                                                          FLAGS.layers)
+                                                          FLAGS.layers, dtype=FLAGS.dtype)
     hp = hparams(name, cfg)
     edits, loc = pairs(FLAGS.steps + 1, 5000)
     reqs = [EditRequest(i, p, "", t, None, None, (), None) for i, (p, t) in enumerate(pairs(FLAGS.edits + 1, 0)[0])]

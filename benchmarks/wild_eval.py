@@ -18,7 +18,11 @@ from pathlib import Path
 
 from absl import app, flags
 
-flags.DEFINE_string("model", "default", "model to evaluate")
+import common  # noqa: F401  (makes the checkout importable)
+from mirage_jax import cli
+
+cli.define_model_flags()
+flags.adopt_module_key_flags(cli)
 flags.DEFINE_integer("n_records", 8, "QAEdit records (each: prompt, rephrase, 5 locality prompts)")
 flags.DEFINE_integer("max_new_tokens", 50, "generation budget (the paper's)")
 flags.DEFINE_bool("hf_no_cache", True, "also time HF with use_cache=False (the paper's setting; slow)")
@@ -51,18 +55,17 @@ def main(argv):
     import torch
     import transformers
 
+    from configs import get_hparams
     from mirage_jax.datasets import load_qaedit
     from mirage_jax.editing import METHODS
     from mirage_jax.evaluation.judge import ExactMatchJudge
     from mirage_jax.evaluation.wild import WildConfig
-    from mirage_jax.model import load_model
     from mirage_jax.runner import RunConfig, evaluate
-    from configs import get_hparams
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     reqs = list(load_qaedit(DATA, ds_size=FLAGS.n_records).requests)
     n_q = sum(2 + len(r.locality) for r in reqs)
-    model = load_model(FLAGS.model)
+    model = cli.load_model_from_flags()
     edited, _ = METHODS["FT-M"].apply(model.params, model.cfg, model.tokenizer, reqs[:1],
                                       get_hparams("FT-M", model.name))
     rc = RunConfig(method="FT-M", model_name=model.name, dataset="qaedit", data_path=str(DATA),
@@ -82,7 +85,8 @@ def main(argv):
         rows = {}
         for tag, params in (("pre", model.params), ("post", edited)):
             model.with_params(params).save(Path(d) / tag)
-            rows[tag] = transformers.AutoModelForCausalLM.from_pretrained(str(Path(d) / tag), dtype=torch.float32).eval()
+            rows[tag] = transformers.AutoModelForCausalLM.from_pretrained(str(Path(d) / tag),
+                                                                         dtype=torch.float32).eval()
         tok = transformers.AutoTokenizer.from_pretrained(str(Path(d) / "pre"))
         timings = {}
         for use_cache in ([True, False] if FLAGS.hf_no_cache else [True]):
@@ -92,7 +96,8 @@ def main(argv):
             timings[use_cache] = time.perf_counter() - t0
 
     print(f"WILD evaluation, {len(reqs)} QAEdit records x (pre + post) = {2 * n_q} generations, "
-          f"max_new_tokens={FLAGS.max_new_tokens}, model={model.name}, device={__import__('jax').devices()[0].platform}")
+          f"max_new_tokens={FLAGS.max_new_tokens}, model={model.name}, "
+          f"device={__import__('jax').devices()[0].platform}")
     print(f"{'pipeline':44s} {'seconds':>9s} {'speed-up':>9s}")
     print(f"{'mirage_jax batched (steady state)':44s} {ours:9.2f} {'1.00x':>9s}")
     print(f"{'mirage_jax first call (incl. compile, pre)':44s} {t_first:9.2f}")

@@ -5,7 +5,7 @@ its training data is not shipped). In library use, `archive=None` is the untrain
 of `edit_lr` on the inner matrices). `launch.py --method=MEND` insists on a trained one: `--hp
 archive=<dir>`, else `results/mend/<model name>/best`, else it trains one there first from
 `--mend_train_data=<CounterFact file>` (records 5000+, `mend_training_edits`; `--mend_train_steps`),
-else it stops with a one-line error. In Python: `train_editor(...)` (validation, early stopping,
+else it stops with a one-line error. In Python: `mend_train.train_editor(...)` (validation, early stopping,
 best/latest checkpoints, resume).
 """
 

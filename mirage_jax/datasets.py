@@ -28,14 +28,15 @@ still be a non-empty string of the right shape):
 ZsRE note: in the MEND-format files the locality question `loc` starts with the literal prefix
 "nq question: " (it comes from Natural Questions). It is kept as is, so a WILD evaluation asks
 the model "nq question: who ..."; strip it yourself if that is not what you want.
-"""
+"""  # noqa: E501  (the markdown table above is read whole)
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 DATASET_NAMES = ("qaedit", "zsre", "counterfact")
 

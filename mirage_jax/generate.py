@@ -1,10 +1,22 @@
 """Jitted, batched, KV-cached greedy decoding with static shapes, and the quick-look command.
 
-Shapes are bucketed so that XLA compiles a handful of programs, not one per prompt: prompt length
-to a power of two (>= 16), batch to a power of two (<= `batch_size`). The decode loop is a
-`lax.while_loop` that stops early when every row has finished; it runs in chunks of `chunk`
-steps so that, between chunks, the host can check stop *strings* (and any stop rule) on the
-decoded text -- something token ids alone cannot express ("." inside ".\\n", "Robert C. Newton").
+Why it is built this way:
+
+* Buckets. XLA compiles one program per distinct set of input shapes, and a compilation costs
+  seconds where a decode step costs milliseconds. So every shape is padded up to a bucket (a power
+  of two, `tokens.bucket`): prompt length (>= 16), batch (<= the bucket of `batch_size`) and
+  new tokens (>= 16). A handful of programs then serve every prompt, and an edited model reuses
+  them too: an edit changes parameter values, never shapes. `tests/test_generate.py` counts them.
+* Chunks. The decode loop is a `lax.while_loop` that stops early once every row is done, run
+  `chunk` steps at a time, because between chunks the host checks stop *strings* (and any stop
+  rule) on the decoded text -- something token ids alone cannot express ("." inside ".\\n",
+  "Robert C. Newton"). Bigger chunks mean fewer host round trips but more wasted steps after a
+  row's text has stopped.
+* Host vs device. The parameters, the KV cache (allocated once per batch, prompt + new-token
+  buckets long) and the `DecodeState` live on the device, and EOS is checked there, inside the
+  loop (a token id suffices). Per chunk the host fetches `step` and `done` and, when there are
+  stop strings or a stop rule, the generated ids (`[B, N]` int32, small), decodes each row with
+  the tokenizer, and sends back `done` with the rows whose text has stopped.
 
     python -m mirage_jax.generate --model=default --prompt='The capital of France is' --max_new_tokens=12
 """
@@ -13,14 +25,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 from mirage_jax.model.config import ModelConfig
-from mirage_jax.model.transformer import forward, init_cache
+from mirage_jax.model.transformer import KVCache, Params, forward, init_cache
 from mirage_jax.tokens import bucket
 
 StopFn = Callable[[str], bool]
@@ -40,32 +54,55 @@ class Generation:
     stopped_by: str  # 'eos', 'stop' (string / stop rule) or 'length'
 
 
+class DecodeState(NamedTuple):
+    """What the greedy loop carries from one step to the next (the habit of gemma's `SamplingState`).
+
+    B is the batch bucket, P the prompt bucket and N the new-token bucket: every field has a static
+    shape, so one compiled loop serves every chunk of every batch in the same buckets. The KV cache
+    travels beside the state, not in it, so that it alone is donated (see `_decode_donating`).
+    """
+
+    step: jax.Array  # [] int32: steps taken = columns of `out` written; the loop counter
+    next_token: jax.Array  # [B] int32: greedy pick of the last forward, written at `step` (prefill picks the first)
+    out: jax.Array  # [B, N] int32: generated ids (EOS included), -1 after a row is done; N wide: a static carry
+    done: jax.Array  # [B] bool: EOS written, stop string / rule hit (set by the host) or filler row; all -> exit
+    mask: jax.Array  # [B, P + N] int32: cache slots holding real tokens (left padding stays 0); a step sets one
+    prompt_len: jax.Array  # [B] int32: real prompt tokens per row; the token at step s has position prompt_len + s
+    prompt_slots: jax.Array  # [] int32: P, the same for every row; the token at step s goes to cache slot P + s
+
+
 @functools.partial(jax.jit, static_argnums=(1,))
-def _prefill(params, cfg: ModelConfig, tokens, mask, cache):
+def _prefill(params: Params, cfg: ModelConfig, tokens: jax.Array, mask: jax.Array,
+             cache: KVCache) -> tuple[KVCache, jax.Array]:
+    """The whole left-padded prompt batch in one forward: the filled cache and each row's first new token."""
     out = forward(params, cfg, tokens, attn_mask=mask, cache=cache, cache_index=0)
     return out.cache, jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32)
 
 
-def _decode_impl(params, cfg: ModelConfig, cache, state, limit, stop_ids):
-    """Greedy steps from `state['step']` until `limit` or until every row is done."""
+def _decode_impl(params: Params, cfg: ModelConfig, cache: KVCache, state: DecodeState, limit: jax.Array,
+                 stop_ids: jax.Array) -> tuple[KVCache, DecodeState]:
+    """Greedy steps from `state.step` until step `limit` or until every row is done.
 
-    def cond(s):
-        return (s["step"] < limit) & ~jnp.all(s["done"])
+    `limit` is traced, not static, so the last (shorter) chunk of a batch reuses the same program.
+    """
 
-    def body(s):
-        c, step = s["cache"], s["step"]
-        tok = s["next"]
-        out_tokens = s["out"].at[:, step].set(jnp.where(s["done"], -1, tok))
-        done = s["done"] | jnp.isin(tok, stop_ids)
-        slot = s["prompt_slots"] + step
-        mask = jax.lax.dynamic_update_slice_in_dim(s["mask"], jnp.ones((tok.shape[0], 1), jnp.int32), slot, 1)
-        pos = (s["prompt_len"] + step)[:, None]
-        out = forward(params, cfg, tok[:, None], attn_mask=mask, positions=pos, cache=c, cache_index=slot)
+    def cond(carry: tuple[KVCache, DecodeState]) -> jax.Array:
+        _, s = carry
+        return (s.step < limit) & ~jnp.all(s.done)
+
+    def body(carry: tuple[KVCache, DecodeState]) -> tuple[KVCache, DecodeState]:
+        cache, s = carry
+        tok = s.next_token
+        out_tokens = s.out.at[:, s.step].set(jnp.where(s.done, -1, tok))
+        done = s.done | jnp.isin(tok, stop_ids)
+        slot = s.prompt_slots + s.step
+        mask = jax.lax.dynamic_update_slice_in_dim(s.mask, jnp.ones((tok.shape[0], 1), jnp.int32), slot, 1)
+        pos = (s.prompt_len + s.step)[:, None]
+        out = forward(params, cfg, tok[:, None], attn_mask=mask, positions=pos, cache=cache, cache_index=slot)
         nxt = jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32)
-        return dict(s, cache=out.cache, step=step + 1, next=nxt, out=out_tokens, done=done, mask=mask)
+        return out.cache, s._replace(step=s.step + 1, next_token=nxt, out=out_tokens, done=done, mask=mask)
 
-    s = jax.lax.while_loop(cond, body, dict(state, cache=cache))
-    return s["cache"], {k: v for k, v in s.items() if k != "cache"}
+    return jax.lax.while_loop(cond, body, (cache, state))
 
 
 _decode = jax.jit(_decode_impl, static_argnums=(1,))
@@ -117,83 +154,112 @@ def generate_ids(
     batch_size: int = 32,
     chunk: int = 16,
 ) -> list[Generation]:
-    """Greedy-decode every prompt (token ids); results in input order."""
+    """Greedy-decode every prompt (token ids); results in input order.
+
+    `chunk`: decode steps between two host-side stop checks (see the module docstring).
+    """
     if max_new_tokens < 1:
         raise GenerationError("max_new_tokens must be >= 1")
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # similar lengths together
     results: list[Generation | None] = [None] * len(prompt_ids)
     stop_ids = jnp.asarray(cfg.eos_token_ids or (-1,), jnp.int32)
-    new_bucket = bucket(max_new_tokens, 16)
+    new_bucket = bucket(max_new_tokens, 16)  # one bucket for every batch of this call
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        rows = [list(prompt_ids[i]) for i in idx]
-        gens = _generate_batch(params, cfg, tokenizer, rows, max_new_tokens, new_bucket, stop_ids,
-                               stop_strings, stop_fn, batch_size, chunk)
+        gens = _generate_batch(params=params, cfg=cfg, tokenizer=tokenizer, rows=[list(prompt_ids[i]) for i in idx],
+                               max_new=max_new_tokens, new_bucket=new_bucket, stop_ids=stop_ids,
+                               stop_strings=stop_strings, stop_fn=stop_fn, batch_size=batch_size, chunk=chunk)
         for i, g in zip(idx, gens):
             results[i] = g
     return results  # type: ignore[return-value]
 
 
-def _generate_batch(params, cfg, tokenizer, rows, max_new, new_bucket, stop_ids, stop_strings, stop_fn,
-                    batch_size, chunk) -> list[Generation]:
+def _left_padded(rows: Sequence[Sequence[int]], *, batch: int, prompt_slots: int, new_slots: int,
+                 pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prompt tokens `[batch, prompt_slots]` right-aligned (every row's next token goes to the same
+    slot), and the key mask `[batch, prompt_slots + new_slots]` over the whole cache."""
+    tokens = np.full((batch, prompt_slots), pad_id, np.int32)
+    mask = np.zeros((batch, prompt_slots + new_slots), np.int32)
+    for r, ids in enumerate(rows):
+        tokens[r, prompt_slots - len(ids):] = ids
+        mask[r, prompt_slots - len(ids):prompt_slots] = 1
+    mask[len(rows):, prompt_slots - 1] = 1  # filler rows: one visible token keeps softmax finite
+    return tokens, mask
+
+
+def _text_stops(tokenizer: Any, out: np.ndarray, step: int, stopped: Sequence[int | None],
+                stop_strings: Sequence[str], stop_fn: StopFn | None) -> list[int | None]:
+    """Per row, how many generated tokens to keep once a stop string / the stop rule has fired on
+    its decoded text, None while none has. A row keeps its first hit."""
+    return [hit if hit is not None else _first_stop(tokenizer, [int(t) for t in row[:step] if t >= 0],
+                                                    stop_strings, stop_fn)
+            for hit, row in zip(stopped, out)]
+
+
+def _generation(tokenizer: Any, row: np.ndarray, stopped: int | None, eos: set[int]) -> Generation:
+    """One row of `DecodeState.out` (already cut to `max_new` columns) as a `Generation`."""
+    ids = [int(t) for t in row if t >= 0]
+    if stopped is not None:
+        ids, why = ids[:stopped], "stop"
+    elif ids and ids[-1] in eos:
+        why = "eos"
+    else:
+        why = "length"
+    return Generation(tuple(ids), tokenizer.decode(ids, skip_special_tokens=True),
+                      tokenizer.decode(ids, skip_special_tokens=False), why)
+
+
+def _generate_batch(
+    *,
+    params: Params,
+    cfg: ModelConfig,
+    tokenizer: Any,
+    rows: Sequence[Sequence[int]],
+    max_new: int,
+    new_bucket: int,
+    stop_ids: jax.Array,
+    stop_strings: Sequence[str],
+    stop_fn: StopFn | None,
+    batch_size: int,
+    chunk: int,
+) -> list[Generation]:
+    """Greedy-decode one batch of at most `batch_size` prompts (token ids): prefill, then the
+    decode loop in chunks of `chunk` steps with the host's stop checks in between."""
     n = len(rows)
     longest = max(len(r) for r in rows)
-    p = bucket(longest)
     # RoPE models extrapolate past their trained context (badly, but it is the user's call); a
     # learned position table simply has no rows there.
     if cfg.learned_positions and longest + max_new > cfg.max_position_embeddings:
         raise GenerationError(
             f"prompt of {longest} tokens + {max_new} new exceeds the model's {cfg.max_position_embeddings} positions"
         )
-    b = min(bucket(n, 1), bucket(batch_size, 1))
+    p = bucket(longest)  # prompt bucket: a power of two >= 16
+    b = min(bucket(n, 1), bucket(batch_size, 1))  # batch bucket; a short last batch is not padded to batch_size
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    tokens = np.full((b, p), pad, np.int32)
-    mask = np.zeros((b, p + new_bucket), np.int32)
-    for r, ids in enumerate(rows):
-        tokens[r, p - len(ids):] = ids
-        mask[r, p - len(ids):p] = 1
-    mask[n:, p - 1] = 1  # filler rows: one visible token keeps softmax finite
+    tokens, mask = _left_padded(rows, batch=b, prompt_slots=p, new_slots=new_bucket, pad_id=pad)
     dtype = jax.tree_util.tree_leaves(params)[0].dtype
     cache = init_cache(cfg, b, p + new_bucket, dtype)
     cache, nxt = _prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(mask), cache)
-    prompt_len = mask[:, :p].sum(-1).astype(np.int32)
-    done = np.arange(b) >= n
-    state = dict(step=jnp.int32(0), next=nxt, out=jnp.full((b, new_bucket), -1, jnp.int32),
-                 done=jnp.asarray(done), mask=jnp.asarray(mask), prompt_len=jnp.asarray(prompt_len),
-                 prompt_slots=jnp.int32(p))
+    state = DecodeState(step=jnp.int32(0), next_token=nxt, out=jnp.full((b, new_bucket), -1, jnp.int32),
+                        done=jnp.asarray(np.arange(b) >= n), mask=jnp.asarray(mask),
+                        prompt_len=jnp.asarray(mask[:, :p].sum(-1).astype(np.int32)), prompt_slots=jnp.int32(p))
     decode = _decode_fn()
-    stopped = [None] * n  # per row: number of kept tokens when a stop string / rule fired
+    stopped: list[int | None] = [None] * n  # per row: kept tokens once a stop string / rule fired
     step = 0
     while step < max_new:
-        limit = min(step + chunk, max_new)
-        cache, state = decode(params, cfg, cache, state, jnp.int32(limit), stop_ids)
-        step = int(state["step"])
-        out = np.asarray(state["out"])
-        done = np.asarray(state["done"]).copy()
-        for r in range(n):
-            if stopped[r] is None and (stop_strings or stop_fn):
-                ids = [int(t) for t in out[r, :step] if t >= 0]
-                hit = _first_stop(tokenizer, ids, stop_strings, stop_fn)
-                if hit is not None:
-                    stopped[r] = hit
-                    done[r] = True
-        state["done"] = jnp.asarray(done)
+        cache, state = decode(params, cfg, cache, state, jnp.int32(min(step + chunk, max_new)), stop_ids)
+        # Host side: the only values fetched per chunk are `step`, `done` and, to check text stops, `out`.
+        step = int(state.step)
+        done = np.asarray(state.done).copy()
+        if stop_strings or stop_fn:
+            stopped = _text_stops(tokenizer, np.asarray(state.out)[:n], step, stopped, stop_strings, stop_fn)
+            done[:n] |= np.array([hit is not None for hit in stopped])
+        state = state._replace(done=jnp.asarray(done))
         if done.all():
             break
-    out = np.asarray(state["out"])
+    out = np.asarray(state.out)[:n, :max_new]
     eos = set(cfg.eos_token_ids)
-    gens = []
-    for r in range(n):
-        ids = [int(t) for t in out[r, :max_new] if t >= 0]
-        if stopped[r] is not None:
-            ids, why = ids[: stopped[r]], "stop"
-        elif ids and ids[-1] in eos:
-            why = "eos"
-        else:
-            why = "length"
-        gens.append(Generation(tuple(ids), tokenizer.decode(ids, skip_special_tokens=True),
-                               tokenizer.decode(ids, skip_special_tokens=False), why))
-    return gens
+    return [_generation(tokenizer, row, hit, eos) for row, hit in zip(out, stopped)]
 
 
 def generate(
@@ -222,14 +288,12 @@ def chat_prompt(tokenizer: Any, question: str) -> str:
 
 
 def main(argv: Sequence[str]) -> None:
-    from absl import flags
-
-    from mirage_jax.model import load_model
+    from mirage_jax.cli import load_model_from_flags
 
     f = flags.FLAGS
     if len(argv) > 1:
         raise SystemExit(f"unexpected arguments: {' '.join(argv[1:])}")
-    model = load_model(f.model, dtype=f.dtype)
+    model = load_model_from_flags()
     prompt = f.prompt
     add_special = True
     if f.chat:
@@ -240,13 +304,13 @@ def main(argv: Sequence[str]) -> None:
 
 
 def _flags() -> None:
-    from absl import flags
+    from mirage_jax import cli
 
-    flags.DEFINE_string("model", "default", "'default', an HF checkpoint directory or a .gguf file")
+    cli.define_model_flags()
+    flags.adopt_module_key_flags(cli)
     flags.DEFINE_string("prompt", None, "text to continue", required=True)
     flags.DEFINE_integer("max_new_tokens", 50, "number of tokens to generate at most")
     flags.DEFINE_bool("chat", False, "wrap the prompt in the model's chat template as one user turn")
-    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "parameter dtype")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ tokenizers get no stray lone-space token and byte-level BPE merges at the bounda
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

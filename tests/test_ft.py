@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ import pytest
 from mirage_jax.editing.ft import FTConfig, ft_edit
 from mirage_jax.evaluation.synthetic import token_accuracy
 from mirage_jax.model import load_model
+from mirage_jax.model.transformer import forward
 from tiny import save_tiny
 
 PROMPTS, TARGETS = ["t10 t11 t12", "t20 t21"], ["t50 t51", "t60"]
@@ -26,12 +29,16 @@ def _changed(a, b):
 
 @pytest.mark.parametrize("objective", ["target_new", "prompt_last"])
 def test_only_the_trained_kernels_change_and_the_edit_is_learned(tiny, objective):
+    """FT-M's full teacher-forced accuracy also pins `target_nll`'s alignment: with its target mask
+    shifted by one position (planted, seen failing) the accuracy stops at 0.25."""
     hp = FTConfig(layers=(1,), lr=1e-2, num_steps=40, objective=objective)
     new, info = ft_edit(tiny.params, tiny.cfg, tiny.tokenizer, PROMPTS, TARGETS, hp)
     assert _changed(tiny.params, new) == {"['layers'][1]['mlp']['down']['kernel']"}
     if objective == "target_new":  # FT-M: teacher-forced accuracy of the targets reaches 1
         assert np.mean(token_accuracy(new, tiny.cfg, tiny.tokenizer, PROMPTS, TARGETS)) == 1.0
-    assert info["steps"] <= 40
+    # The flat tiny model never gets near the default early-stop loss (1e-2): the whole budget runs.
+    # Stopping inside the budget is test_stops_at_the_first_step_below_the_threshold.
+    assert info["steps"] == hp.num_steps and info["loss"] > hp.early_stop_loss
 
 
 def test_linf_norm_constraint_bounds_every_weight_change(tiny):
@@ -51,6 +58,44 @@ def test_early_stop_when_the_loss_is_already_low(tiny):
     hp = FTConfig(layers=(1,), lr=1e-2, num_steps=60, early_stop_loss=info["loss"] + 1.0)
     again, info2 = ft_edit(tiny.params, tiny.cfg, tiny.tokenizer, PROMPTS, TARGETS, hp)
     assert info2["steps"] == 1 and not _changed(tiny.params, again)
+
+
+def _reference_loss(params, cfg, objective: str) -> float:
+    """Both FT objectives written out from their definitions, one unpadded request at a time. The
+    tiny tokenizer maps the word "tN" to id N, so the token ids need no tokenizer either."""
+    per_request = []
+    for prompt, target in zip(PROMPTS, TARGETS):
+        p_ids, t_ids = ([int(w[1:]) for w in text.split()] for text in (prompt, target))
+        logp = jax.nn.log_softmax(forward(params, cfg, np.asarray([p_ids + t_ids])).logits[0], axis=-1)
+        last = len(p_ids) - 1  # the position that predicts the first target token
+        rows = [last + i for i in range(len(t_ids))] if objective == "target_new" else [last] * len(t_ids)
+        per_request.append(-np.mean([float(logp[r, t]) for r, t in zip(rows, t_ids)]))
+    return float(np.mean(per_request))
+
+
+@pytest.mark.parametrize("objective", ["target_new", "prompt_last"])
+def test_stops_at_the_first_step_below_the_threshold(tiny, objective):
+    """Early stop fires inside the budget, where the loss (recomputed independently) is below the
+    threshold, and not one step earlier. The threshold is halfway between the loss before training
+    and after the full budget, since the flat tiny model cannot reach the default 1e-2. Planted bugs
+    this catches (seen failing): the early stop never firing (`stop = False`), which the old
+    `steps <= num_steps` could not see; the stopping step still applying its update."""
+    full = FTConfig(layers=(1,), lr=1e-2, num_steps=40, objective=objective, early_stop_loss=-1.0)
+    trained, _ = ft_edit(tiny.params, tiny.cfg, tiny.tokenizer, PROMPTS, TARGETS, full)
+    before, after = _reference_loss(tiny.params, tiny.cfg, objective), _reference_loss(trained, tiny.cfg, objective)
+    assert after < before - 0.5  # training really lowers the loss, so the halfway mark is crossed
+    hp = dataclasses.replace(full, early_stop_loss=(before + after) / 2)
+    new, info = ft_edit(tiny.params, tiny.cfg, tiny.tokenizer, PROMPTS, TARGETS, hp)
+    steps = info["steps"]
+    assert 1 < steps < hp.num_steps
+    # Met where it stopped: no update is taken at the stopping step, so the returned weights are
+    # the ones whose loss fired the stop.
+    assert _reference_loss(new, tiny.cfg, objective) < hp.early_stop_loss
+    assert info["loss"] == pytest.approx(_reference_loss(new, tiny.cfg, objective), abs=1e-4)
+    # Not met one step earlier: a budget of steps - 1 runs out without stopping.
+    _, earlier = ft_edit(tiny.params, tiny.cfg, tiny.tokenizer, PROMPTS, TARGETS,
+                         dataclasses.replace(hp, num_steps=steps - 1))
+    assert earlier["steps"] == steps - 1 and earlier["loss"] >= hp.early_stop_loss
 
 
 def test_bad_layer_and_empty_target_are_clear_errors(tiny):

@@ -62,17 +62,42 @@ def test_eos_finishes_a_row_early(tiny):
     assert g.ids == full.ids[: k + 1] and g.stopped_by == "eos"
 
 
-def test_compiles_once_per_bucket(tiny):
+# Each call: prompt lengths, max_new_tokens, batch_size, and the (batch, prompt, new-token) bucket of each of its
+# batches -- written out, not computed with `tokens.bucket`, so that the test does not share the code it checks.
+_BUCKET_CALLS = [
+    ((2, 9), 5, 8, [(2, 16, 16)]),
+    ((3, 15), 9, 8, [(2, 16, 16)]),  # other prompt lengths and max_new_tokens, same buckets
+    ((4, 6, 7), 16, 8, [(4, 16, 16)]),
+    ((5, 5, 5, 5), 12, 8, [(4, 16, 16)]),  # 4 rows share the batch bucket of 3
+    ((20,), 3, 8, [(1, 32, 16)]),
+    ((30,), 17, 8, [(1, 32, 32)]),
+    ((2, 3, 4, 5, 6), 10, 4, [(4, 16, 16), (1, 16, 16)]),  # two batches; the short last one is not padded to 4
+]
+
+
+def test_compiles_exactly_once_per_bucket(tiny):
+    """Prefill and decode each compile exactly one program per distinct (batch, prompt, new-token)
+    bucket, counted after every call, over calls whose prompt lengths, batch sizes and
+    max_new_tokens differ inside the same buckets, in chunks (several decode calls per batch).
+
+    Planted bug it catches: all generation bucketing removed (`tokens.bucket` returns its input,
+    exact shapes) -- a program per call instead of per bucket. The test it replaces allowed as
+    many compilations as its two calls could make, so that bug passed it.
+    """
     _, cfg, params, tok = tiny
-    gen._decode.clear_cache() if hasattr(gen._decode, "clear_cache") else None
-    before = gen._prefill._cache_size()
-    prompts = [[3] * n for n in (2, 4, 7, 11, 15)]  # all in the 16-token bucket, batch bucket 8
-    gen.generate_ids(params, cfg, tok, prompts, max_new_tokens=5, batch_size=8)
-    gen.generate_ids(params, cfg, tok, [[4] * 3, [5] * 13], max_new_tokens=5, batch_size=8)
-    assert gen._prefill._cache_size() - before <= 2  # batch bucket 8 and 2, one prompt bucket
+    compiled = (gen._prefill, gen._decode_fn())  # the decode variant this backend uses
+    for fn in compiled:
+        fn.clear_cache()
+    seen: set[tuple[int, int, int]] = set()
+    for lengths, new, batch_size, buckets in _BUCKET_CALLS:
+        prompts = [[3] * n for n in lengths]
+        gen.generate_ids(params, cfg, tok, prompts, max_new_tokens=new, batch_size=batch_size, chunk=4)
+        seen.update(buckets)
+        counts = [fn._cache_size() for fn in compiled]
+        assert counts == [len(seen)] * 2, f"after prompts of {lengths}, {new} new: {counts} programs, buckets {seen}"
 
 
 def test_empty_prompt_is_a_clear_error(tiny):
-    _, cfg, params, tok = tiny
+    *_, tok = tiny
     with pytest.raises(gen.GenerationError, match="prompt 1 is empty"):
         gen.encode_prompts(tok, ["t3 t4", ""])

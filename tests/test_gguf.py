@@ -2,7 +2,7 @@
 
 transformers (torch CPU) is the independent reference: it has its own GGUF reader, dequantizer,
 Q/K un-permute and tokenizer builder, so agreement means our numpy path reads the file the way the
-HF ecosystem does. Loading the reference model takes ~15 s, hence module-scoped fixtures.
+HF ecosystem does. The reference model is conftest.py's session fixture (loaded once per run).
 """
 
 from __future__ import annotations
@@ -53,14 +53,9 @@ def hf_tokenizer(gguf_path):
 
 
 @pytest.fixture(scope="module")
-def hf_model(gguf_path):
-    """The reference LlamaForCausalLM (float32, CPU); loaded once for the whole module."""
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("accelerate")
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32, local_files_only=True
-    )
+def hf_model(default_reference):
+    """The reference LlamaForCausalLM (float32, CPU), shared with the other default-model tests."""
+    return default_reference
 
 
 def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:

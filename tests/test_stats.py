@@ -53,7 +53,7 @@ def direct_moments(model, texts, layers, max_len):
         ids = model.tokenizer(text, truncation=True, max_length=max_len)["input_ids"]
         by_len.setdefault(len(ids), []).append(ids)
     by_len.pop(0, None)
-    sums = {l: 0.0 for l in layers}
+    sums = dict.fromkeys(layers, 0.0)
     for rows in by_len.values():
         reads = keys(model.params, jnp.asarray(rows))
         for l in layers:
@@ -153,7 +153,7 @@ def test_second_call_loads_from_cache(model, corpus, tmp_path, monkeypatch):
     assert n == first.count(1)
     found = st.find_key_stats(model.name, [1], cache_dir=tmp_path, n_samples=10)
     np.testing.assert_array_equal(found.second_moment(1), first.second_moment(1))
-    with pytest.raises(st.MissingStatsError, match="python -m mirage_jax.editing.stats --model=.* --layers=5"):
+    with pytest.raises(st.MissingStatsError, match=r"python -m mirage_jax\.editing\.stats --model=.* --layers=5"):
         st.find_key_stats(model.name, [5], cache_dir=tmp_path)
 
 
@@ -246,3 +246,66 @@ def test_wikipedia_corpus_quick_run(model, tmp_path):
     c = stats.second_moment(1)
     assert np.isfinite(c).all() and np.allclose(c, c.T) and (np.diag(c) >= 0).all()
     assert Path(stats.source(1)).parent.name == f"wikipedia-vital-summaries-en_{wiki.tag}"
+
+
+# --- derived device matrices ------------------------------------------------------------------
+
+
+def _rank_deficient_stats(f=24, rank=10, seed=0):
+    rng = np.random.default_rng(seed)
+    k0 = rng.normal(size=(200, rank)) @ rng.normal(size=(rank, f)) / np.sqrt(f)
+    return st.KeyStats({3: (k0.T @ k0, len(k0)), 4: (k0.T @ k0 + np.eye(f), len(k0))}), k0
+
+
+def test_derived_matrices_are_computed_once_per_statistics_object():
+    """C, its factor and the projector are memoised on the instance: the same device array comes
+    back and C leaves the host once per layer, however many edits ask."""
+    stats, _ = _rank_deficient_stats()
+    reads = []
+    second_moment = stats.second_moment
+    stats.second_moment = lambda layer: reads.append(layer) or second_moment(layer)
+    c = stats.second_moment_device(3)
+    assert isinstance(c, jax.Array) and c.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(c), second_moment(3))
+    assert stats.second_moment_device(3) is c
+    p = stats.projector(3, 1e-4)
+    assert stats.projector(3, 1e-4) is p and stats.projector(3, 1e-1) is not p  # one per threshold
+    assert stats.second_moment_factor(4) is stats.second_moment_factor(4)
+    assert reads == [3, 4]  # the projector reused the kept C; layer 4 uploaded once for its factor
+    other = st.KeyStats({3: (np.asarray(second_moment(3)), 1)})
+    assert other.second_moment_device(3) is not c  # per instance, never shared through the module
+
+
+def test_projector_spans_the_null_space_of_the_preserved_keys():
+    stats, k0 = _rank_deficient_stats(f=24, rank=10)
+    p = np.asarray(stats.projector(3, 1e-4), np.float64)
+    assert np.isclose(np.trace(p), 24 - 10, atol=1e-3)
+    np.testing.assert_allclose(p @ p, p, atol=1e-5)
+    assert np.abs(k0 @ p).max() <= 1e-5 * np.abs(k0).max()
+
+
+def test_factor_solves_with_cholesky_and_falls_back_to_lu():
+    stats, _ = _rank_deficient_stats(f=24, rank=10)
+    c = np.asarray(stats.second_moment(4), np.float64)
+    b = np.random.default_rng(1).normal(size=24)
+    factor = stats.second_moment_factor(4)
+    assert factor.kind == "cholesky" and factor.shape == (24, 24)
+    np.testing.assert_allclose(np.asarray(factor.solve(b)), np.linalg.solve(c, b), rtol=1e-4)
+    # Not positive definite (Cholesky yields NaN): the pivoted LU still solves.
+    indefinite = st.KeyStats({0: (np.diag([2.0, -1.0, 3.0]), 1)})
+    lu = indefinite.second_moment_factor(0)
+    assert lu.kind == "lu"
+    np.testing.assert_allclose(np.asarray(lu.solve(np.ones(3))), [0.5, -1.0, 1 / 3], rtol=1e-6)
+
+
+def test_derived_matrices_go_with_the_statistics():
+    """Nothing outside the instance keeps it (or its device matrices) alive."""
+    import gc
+    import weakref
+
+    stats, _ = _rank_deficient_stats()
+    stats.second_moment_device(3), stats.projector(3, 1e-4), stats.second_moment_factor(4)
+    ref = weakref.ref(stats)
+    del stats
+    gc.collect()
+    assert ref() is None

@@ -1,8 +1,10 @@
 """Editing methods: each a pure function `(params, cfg, tokenizer, requests, hp, **ctx) -> (params, info)`.
 
 `ctx` holds what some methods need beyond the request: `stats` (second moments of the MLP keys,
-for MEMIT / AlphaEdit / ROME with mom2_adjustment) and `state` (what a method carries from one
-edit of a sequence to the next; returned as `info["state"]`).
+for MEMIT / AlphaEdit / ROME with mom2_adjustment), `state` (what a method carries from one
+edit of a sequence to the next; returned as `info["state"]`) and what `EditMethod.prepare`
+computed once per run from the unedited model (ROME / MEMIT's context templates, MEND's editor
+weights). Nothing is cached behind the caller's back: a run holds these values for its lifetime.
 
 The registry is the one place that maps a method name (as the paper spells it) to its
 hyper-parameter dataclass and its edit function. A method never imports the evaluation.
@@ -11,14 +13,21 @@ hyper-parameter dataclass and its edit function. A method never imports the eval
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from collections.abc import Callable
+from typing import Any
 
 from mirage_jax.editing.ft import FTConfig, ft_edit
 from mirage_jax.editing.memit import MEMITConfig, memit_edit
-from mirage_jax.editing.mend import MENDConfig, mend_edit
+from mirage_jax.editing.mend import MENDConfig, mend_edit, resolve_editor
 from mirage_jax.editing.rome import ROMEConfig, rome_edit
+from mirage_jax.editing.templates import templates_for
 
 EditFn = Callable[..., tuple[Any, dict]]
+PrepareFn = Callable[[Any, Any, Any, Any], dict]  # (params, cfg, tokenizer, hp) -> extra ctx for `apply`
+
+
+def _nothing(params: Any, cfg: Any, tokenizer: Any, hp: Any) -> dict:
+    return {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,28 +37,41 @@ class EditMethod:
     apply: EditFn  # (params, cfg, tokenizer, requests, hp, **ctx) -> (new params, info)
     batchable: bool  # may edit several requests in one application (batch mode)
     needs_stats: Callable[[Any], bool] = lambda hp: False  # whether `hp` requires key statistics
+    # Inputs that stay the same for every edit of a run, computed once from the unedited model
+    # and passed to each `apply` as keyword arguments (the seed samples ROME's templates once
+    # per process; a MEND archive is read once).
+    prepare: PrepareFn = _nothing
 
 
 def _ft(params, cfg, tokenizer, requests, hp: FTConfig):
     return ft_edit(params, cfg, tokenizer, [r.prompt for r in requests], [r.target_new for r in requests], hp)
 
 
-def _mend(params, cfg, tokenizer, requests, hp: MENDConfig, stats=None, state=None):
-    return mend_edit(params, cfg, tokenizer, requests, hp)
+def _mend(params, cfg, tokenizer, requests, hp: MENDConfig, stats=None, state=None, editor=None):
+    return mend_edit(params, cfg, tokenizer, requests, hp, editor)
+
+
+def _mend_prepare(params, cfg, tokenizer, hp: MENDConfig) -> dict:
+    return {"editor": resolve_editor(cfg, params, hp)} if hp.archive else {}
+
+
+def _templates(params, cfg, tokenizer, hp) -> dict:
+    return {"templates": templates_for(params, cfg, tokenizer, hp)}
 
 
 def _rome_as(variant: str) -> EditFn:
     """The method name decides the variant, whatever `hp.variant` says."""
 
-    def apply(params, cfg, tokenizer, requests, hp: ROMEConfig, stats=None, state=None):
-        return rome_edit(params, cfg, tokenizer, requests, dataclasses.replace(hp, variant=variant), stats)
+    def apply(params, cfg, tokenizer, requests, hp: ROMEConfig, stats=None, state=None, templates=None):
+        return rome_edit(params, cfg, tokenizer, requests, dataclasses.replace(hp, variant=variant), stats, templates)
 
     return apply
 
 
 def _memit_as(algorithm: str) -> EditFn:
-    def apply(params, cfg, tokenizer, requests, hp: MEMITConfig, stats=None, state=None):
-        return memit_edit(params, cfg, tokenizer, requests, dataclasses.replace(hp, algorithm=algorithm), stats, state)
+    def apply(params, cfg, tokenizer, requests, hp: MEMITConfig, stats=None, state=None, templates=None):
+        return memit_edit(params, cfg, tokenizer, requests, dataclasses.replace(hp, algorithm=algorithm), stats, state,
+                          templates)
 
     return apply
 
@@ -58,12 +80,12 @@ METHODS: dict[str, EditMethod] = {
     "FT-L": EditMethod("FT-L", FTConfig, _ft, batchable=True),
     "FT-M": EditMethod("FT-M", FTConfig, _ft, batchable=True),
     # One request at a time; several requests are applied one after the other.
-    "ROME": EditMethod("ROME", ROMEConfig, _rome_as("rome"), False, lambda hp: hp.mom2_adjustment),
-    "R-ROME": EditMethod("R-ROME", ROMEConfig, _rome_as("r-rome"), False, lambda hp: hp.mom2_adjustment),
-    "MEMIT": EditMethod("MEMIT", MEMITConfig, _memit_as("memit"), True, lambda hp: True),
-    "AlphaEdit": EditMethod("AlphaEdit", MEMITConfig, _memit_as("alphaedit"), True, lambda hp: True),
+    "ROME": EditMethod("ROME", ROMEConfig, _rome_as("rome"), False, lambda hp: hp.mom2_adjustment, _templates),
+    "R-ROME": EditMethod("R-ROME", ROMEConfig, _rome_as("r-rome"), False, lambda hp: hp.mom2_adjustment, _templates),
+    "MEMIT": EditMethod("MEMIT", MEMITConfig, _memit_as("memit"), True, lambda hp: True, _templates),
+    "AlphaEdit": EditMethod("AlphaEdit", MEMITConfig, _memit_as("alphaedit"), True, lambda hp: True, _templates),
     # Untrained (hp.archive None): one SGD step of edit_lr on the inner matrices.
-    "MEND": EditMethod("MEND", MENDConfig, _mend, batchable=True),
+    "MEND": EditMethod("MEND", MENDConfig, _mend, batchable=True, prepare=_mend_prepare),
 }
 
 

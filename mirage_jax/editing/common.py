@@ -1,10 +1,17 @@
-"""What every weight-editing method shares: where the edited matrices live in the pytree."""
+"""What every weight-editing method shares: where the edited matrices live in the pytree, and the
+teacher-forced target NLL that the gradient-based editors (FT-M, MEND) minimise."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import jax
+import jax.numpy as jnp
+
+from mirage_jax.tokens import EditInputError
+
+T = TypeVar("T")
 
 
 def down_kernel(params: Any, layer: int) -> jax.Array:
@@ -34,7 +41,34 @@ def replace_down_kernels(params: Any, kernels: Mapping[int, jax.Array]) -> Any:
     return replace_mlp_kernels(params, {(layer, "down"): k for layer, k in kernels.items()})
 
 
+def for_case(request: Any, fn: Callable[..., T], *args: Any) -> T:
+    """fn(*args), with an `EditInputError` prefixed by the request's case id: the runner skips
+    that one request and the message names the record to fix."""
+    try:
+        return fn(*args)
+    except EditInputError as err:
+        raise EditInputError(f"case {getattr(request, 'case_id', '?')}: {err}") from None
+
+
 def check_layers(layers, num_layers: int, method: str) -> None:
     for layer in layers:
         if not 0 <= int(layer) < num_layers:
             raise ValueError(f"{method}: layer {layer} out of range; the model has layers 0..{num_layers - 1}")
+
+
+def mean_per_request(token_nll: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean of `token_nll` [B, T] over each row's `mask`ed tokens, then over the rows that have any:
+    every request weighs the same whatever its target length, and filler rows (no target) count
+    for nothing."""
+    per_row = (token_nll * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1)
+    rows = mask.sum(-1) > 0
+    return jnp.sum(jnp.where(rows, per_row, 0.0)) / jnp.maximum(rows.sum(), 1)
+
+
+def target_nll(logits: jax.Array, tokens: jax.Array, target_mask: jax.Array) -> jax.Array:
+    """Teacher-forced NLL of the target tokens of a `make_batch` batch (FT-M's objective, MEND's
+    edit loss): ``−log p(tokens[t+1] | tokens[:t+1])`` at every position t whose *next* token is a
+    target, `mean_per_request`. Prompt and padding tokens contribute nothing."""
+    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)  # position t predicts token t + 1
+    tok_lp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    return mean_per_request(-tok_lp, target_mask[:, 1:])

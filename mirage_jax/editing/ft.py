@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from mirage_jax.editing.common import check_layers, down_kernel, replace_down_kernels
+from mirage_jax.editing.common import check_layers, down_kernel, mean_per_request, replace_down_kernels, target_nll
 from mirage_jax.model.config import ModelConfig
 from mirage_jax.model.transformer import forward
 from mirage_jax.tokens import make_batch
@@ -39,21 +39,22 @@ class FTConfig:
     batch_size: int = 1  # requests per edit in batch mode
 
 
-def _loss(trainable, params, cfg: ModelConfig, objective: str, start: int, hidden, attn_mask, target_mask, prompt_last, tokens):
+def prompt_last_nll(logits: jax.Array, tokens: jax.Array, target_mask: jax.Array,
+                    prompt_last: jax.Array) -> jax.Array:
+    """FT-L's objective: NLL of every target token under the *one* next-token distribution at the
+    last prompt token (a bag of tokens, not teacher forcing), `mean_per_request`."""
+    last = jnp.take_along_axis(logits, prompt_last[:, None, None], axis=1)[:, 0]  # [B, V]
+    tgt_lp = jnp.take_along_axis(jax.nn.log_softmax(last, axis=-1), tokens, axis=-1)  # each position's token
+    return mean_per_request(-tgt_lp, target_mask)
+
+
+def _loss(trainable, params, cfg: ModelConfig, objective: str, start: int, hidden, attn_mask, target_mask,
+          prompt_last, tokens):
     p = replace_down_kernels(params, trainable)
     logits = forward(p, cfg, None, attn_mask=attn_mask, start_layer=start, hidden=hidden).logits
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    rows = target_mask.sum(-1) > 0
     if objective == "target_new":
-        # Position t predicts token t+1: shift the labels left by one.
-        tok_lp = jnp.take_along_axis(logp[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]
-        m = target_mask[:, 1:]
-        per_row = -(tok_lp * m).sum(-1) / jnp.maximum(m.sum(-1), 1)
-    else:
-        last = jnp.take_along_axis(logp, prompt_last[:, None, None], axis=1)[:, 0]  # [B, V]
-        tgt_lp = jnp.take_along_axis(last, tokens, axis=-1)  # every position's token under it
-        per_row = -(tgt_lp * target_mask).sum(-1) / jnp.maximum(target_mask.sum(-1), 1)
-    return jnp.sum(jnp.where(rows, per_row, 0.0)) / jnp.maximum(rows.sum(), 1)
+        return target_nll(logits, tokens, target_mask)
+    return prompt_last_nll(logits, tokens, target_mask, prompt_last)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "hp"))

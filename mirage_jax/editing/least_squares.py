@@ -23,8 +23,11 @@ conditioned enough for float32 at d_ff <= 14336 in our checks).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+import jax.scipy.linalg as jsl
 
 
 def solve_dtype():
@@ -59,3 +62,32 @@ def alphaedit_delta(keys: jax.Array, resid: jax.Array, projector: jax.Array, pre
     k, r, p = keys.astype(dt), resid.astype(dt), projector.astype(dt)
     a = p @ (k.T @ k + prev_kk.astype(dt)) + alpha * jnp.eye(k.shape[1], dtype=dt)
     return jnp.linalg.solve(a, p @ (k.T @ r)).astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class CovarianceFactor:
+    """A factorisation of C that solves C x = b without an explicit inverse (ROME's u = C⁻¹ k*).
+
+    Cholesky when C is positive definite; a pivoted LU when it is only semi-definite (statistics
+    from few samples), where Cholesky breaks down but LU still solves."""
+
+    kind: str  # 'cholesky' (factor = lower L) or 'lu' (factor = (lu, pivots))
+    factor: jax.Array | tuple[jax.Array, jax.Array]
+    shape: tuple[int, int]  # C's shape, for the callers' checks
+
+    def solve(self, b: jax.Array) -> jax.Array:
+        """C⁻¹ b in the factor's dtype."""
+        dt = (self.factor if self.kind == "cholesky" else self.factor[0]).dtype
+        b = jnp.asarray(b, dt)
+        if self.kind == "cholesky":
+            return jsl.cho_solve((self.factor, True), b)
+        return jsl.lu_solve(self.factor, b)
+
+
+def covariance_factor(cov: jax.Array) -> CovarianceFactor:
+    """Factorise C once (float32, float64 under x64): Cholesky, or LU where Cholesky yields NaN."""
+    c = jnp.asarray(cov).astype(solve_dtype())
+    chol = jnp.linalg.cholesky(c)  # NaN, not an exception, when C is not positive definite
+    if bool(jnp.isfinite(chol).all()):
+        return CovarianceFactor("cholesky", chol, c.shape)
+    return CovarianceFactor("lu", jsl.lu_factor(c), c.shape)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -66,7 +67,7 @@ def last_token_before(offsets: Sequence[tuple[int, int]], char_end: int) -> int:
 
 def encode_row(tokenizer: Any, row: SubjectRow, add_special_tokens: bool = True):
     """(ids, n_prompt, subject_last) for one row; errors name the subject and the prompt."""
-    start, end = subject_span(row.prompt, row.subject)
+    _, end = subject_span(row.prompt, row.subject)
     text = row.prefix + row.prompt
     ids, offsets, n_prompt = encode_prompt_target(tokenizer, text, row.target, add_special_tokens)
     last = last_token_before(offsets, len(row.prefix) + end)

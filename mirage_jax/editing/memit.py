@@ -22,20 +22,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mirage_jax.editing.common import check_layers, down_kernel, replace_down_kernels
-from mirage_jax.editing.least_squares import alphaedit_delta, memit_delta, null_space_projector
+from mirage_jax.editing.common import check_layers, down_kernel, for_case, replace_down_kernels
+from mirage_jax.editing.least_squares import alphaedit_delta, memit_delta
 from mirage_jax.editing.locate import subject_span
-from mirage_jax.editing.templates import context_templates
+from mirage_jax.editing.stats import KeyStatistics, missing_stats_error
+from mirage_jax.editing.templates import templates_for
 from mirage_jax.editing.values import ValueSettings, build_problem, value_optimisation
 from mirage_jax.model.config import ModelConfig
 from mirage_jax.model.transformer import forward
-from mirage_jax.tokens import EditInputError
 
 ALGORITHMS = ("memit", "alphaedit")
 
@@ -77,27 +78,24 @@ def _request_keys(keys: np.ndarray, n: int, m: int) -> np.ndarray:
 
 
 def memit_edit(params: Any, cfg: ModelConfig, tokenizer: Any, requests: Sequence[Any], hp: MEMITConfig,
-               stats: Any = None, state: dict | None = None) -> tuple[Any, dict]:
-    """Edit all `requests` at once -> (new params, info). `stats.second_moment(layer)` gives C.
+               stats: KeyStatistics | None = None, state: dict | None = None,
+               templates: Sequence[str] | None = None) -> tuple[Any, dict]:
+    """Edit all `requests` at once -> (new params, info). `stats` gives C on the device (MEMIT)
+    or its null-space projector (AlphaEdit), each computed once per statistics object.
 
     info["state"] carries AlphaEdit's accumulated K_pᵀ K_p per layer for the next edit of a
-    sequence; pass it back as `state`.
+    sequence; pass it back as `state`. `templates`: as in `rome_edit` (None samples them now).
     """
     check_layers(hp.layers, cfg.num_layers, "MEMIT")
     if hp.algorithm not in ALGORITHMS:
         raise ValueError(f"MEMIT: algorithm must be one of {ALGORITHMS}, got {hp.algorithm!r}")
     if stats is None:
-        from mirage_jax.editing.stats import missing_stats_error
-
         raise missing_stats_error(getattr(tokenizer, "name_or_path", "model"), hp.layers)
-    for r in requests:
-        try:
-            subject_span(r.prompt, r.subject)
-        except EditInputError as err:
-            raise EditInputError(f"case {getattr(r, 'case_id', '?')}: {err}") from None
+    for r in requests:  # fail before any work, naming the record
+        for_case(r, subject_span, r.prompt, r.subject)
     layers = tuple(sorted(int(l) for l in hp.layers))
     top = layers[-1]
-    templates = context_templates(params, cfg, tokenizer, hp.template_seed, hp.context_template_length_params)
+    templates = templates_for(params, cfg, tokenizer, hp, templates)
     n, m = len(requests), len(templates)
     settings = ValueSettings.from_hparams(hp, top, "residual")
     # Thousands of requests: optimise and read keys chunk by chunk (one compiled shape per chunk
@@ -124,15 +122,12 @@ def memit_edit(params: Any, cfg: ModelConfig, tokenizer: Any, requests: Sequence
             h_parts.append(np.asarray(hidden)[np.arange(c) * m])
         k = jnp.asarray(np.concatenate(k_parts))
         resid = (z - jnp.asarray(np.concatenate(h_parts))) / (len(layers) - j)
-        cov = jnp.asarray(stats.second_moment(layer), jnp.float32)
-        if cov.shape != (cfg.intermediate_size,) * 2:
-            raise ValueError(f"MEMIT: statistics of layer {layer} have shape {cov.shape}; "
-                             f"expected ({cfg.intermediate_size}, {cfg.intermediate_size})")
         if hp.algorithm == "memit":
+            cov = _checked(stats.second_moment_device(layer), layer, cfg.intermediate_size)
             delta = memit_delta(k, resid, cov, hp.mom2_update_weight)
         else:
-            proj = _projector(stats, layer, cov, hp.nullspace_threshold)
-            prev = state.get(layer, jnp.zeros_like(cov))
+            proj = _checked(stats.projector(layer, hp.nullspace_threshold), layer, cfg.intermediate_size)
+            prev = state.get(layer, jnp.zeros_like(proj))
             delta = alphaedit_delta(k, resid, proj, prev, hp.l2_reg)
             state[layer] = prev + k.T @ k
         kernel = down_kernel(params, layer)
@@ -147,11 +142,8 @@ def memit_edit(params: Any, cfg: ModelConfig, tokenizer: Any, requests: Sequence
     return params, info
 
 
-_PROJECTORS: dict = {}  # (id(stats), layer, threshold) -> (stats, P): eigh once per layer
-
-
-def _projector(stats: Any, layer: int, cov: jax.Array, threshold: float) -> jax.Array:
-    key = (id(stats), layer, float(threshold))
-    if key not in _PROJECTORS:
-        _PROJECTORS[key] = (stats, null_space_projector(cov, threshold))
-    return _PROJECTORS[key][1]
+def _checked(matrix: jax.Array, layer: int, d_ff: int) -> jax.Array:
+    """`matrix` (C or P of `layer`) if it is [d_ff, d_ff]; statistics of another model are an error."""
+    if matrix.shape != (d_ff, d_ff):
+        raise ValueError(f"MEMIT: statistics of layer {layer} have shape {matrix.shape}; expected ({d_ff}, {d_ff})")
+    return matrix

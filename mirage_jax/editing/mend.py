@@ -20,35 +20,37 @@ pytree substitution; ``x @ kernel + bias`` broadcasts).
 Deviations from the seed code (spec 4.5), deliberate:
 - Sign: ``W − η G`` (a descent step when untrained). The seed adds (``descent: false``); after
   meta-training either sign works because g and η can absorb it. ``MENDConfig.descent`` keeps it.
-- Edit loss: teacher-forced NLL of the target tokens from `make_batch` (the seed's labels are the
-  target re-tokenised with BOS and aligned to the last |labels| predictions **[QUIRK]**).
+- Edit loss: teacher-forced NLL of the target tokens from `make_batch` (`target_nll`, FT-M's
+  objective too; the seed's labels are the target re-tokenised with BOS and aligned to the last
+  |labels| predictions **[QUIRK]**).
 - Tokens whose x or δ is all zero are masked out (the seed drops them: ``nz_mask``).
 - Optional rephrase term ``crephrase``: the post-edit NLL of the target after the edit's
   paraphrase, as in the MEND paper (the seed builds that batch and ignores it; default 0).
 
 Editor: Flax **linen** (`MENDNet`); its variables are ``{"params", "norm_stats"}``.
 
-Meta-training: `train_mend` (a bare loop) or `train_editor` (validation on held-out edits, early
-stopping, best + rolling latest orbax checkpoints, resume); `mend_training_edits` splits a
-CounterFact file (records 5000+ for training, the first 5000 left for evaluation);
-`resolve_archive` is `launch.py`'s archive lookup / train-on-demand.
+This module is the edit path: the config, the (x, δ) pairs, the editor network, `mend_edit` and
+the editor archives (`save_editor` / `load_editor`, the architecture recorded beside them).
+Meta-training (meta-loss, training loop with validation and checkpoints, training data, archive
+lookup for `launch.py`) is `mirage_jax.editing.mend_train`, which imports this module and never
+the reverse.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 
-from mirage_jax.editing.common import check_layers, replace_mlp, replace_mlp_kernels
+from mirage_jax.editing.common import check_layers, replace_mlp, replace_mlp_kernels, target_nll
 from mirage_jax.model.config import ModelConfig
 from mirage_jax.model.transformer import forward
 from mirage_jax.tokens import make_batch
@@ -84,27 +86,17 @@ class MENDConfig:
         object.__setattr__(self, "inner_params", tuple((int(l), str(n)) for l, n in self.inner_params))
 
 
-# --- the edit loss and the per-token pairs (x, δ) -------------------------------------------
-
-
-def target_nll(logits: jax.Array, tokens: jax.Array, target_mask: jax.Array) -> jax.Array:
-    """Teacher-forced NLL of the target tokens, mean over each row's targets, mean over rows
-    that have targets (padding rows and prompt tokens contribute nothing)."""
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    tok_lp = jnp.take_along_axis(logp[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]
-    m = target_mask[:, 1:]
-    per_row = -(tok_lp * m).sum(-1) / jnp.maximum(m.sum(-1), 1)
-    rows = target_mask.sum(-1) > 0
-    return jnp.sum(jnp.where(rows, per_row, 0.0)) / jnp.maximum(rows.sum(), 1)
+# --- the per-token pairs (x, δ) of the edit loss's gradient ---------------------------------
 
 
 def _read_site(name: str) -> str:
+    """The forward read holding a matrix's input x: the MLP input for gate/up, the key for down."""
     return "mlp_key" if name == "down" else "mlp_in"
 
 
 def inner_kernels(params: Any, inner: Inner) -> dict[tuple[int, str], jax.Array]:
+    """The inner matrices' kernels ``{(layer, name): [in, out]}``."""
     return {(l, n): params["layers"][l]["mlp"][n]["kernel"] for l, n in inner}
-
 
 
 def token_pairs(params: Any, cfg: ModelConfig, inner: Inner, tokens, attn_mask, target_mask, *,
@@ -241,37 +233,47 @@ class MENDNet(nn.Module):
         return grads, lrs
 
 
-def make_editor(cfg: ModelConfig, params: Any, hp: MENDConfig) -> tuple[MENDNet, dict]:
-    """The editor module for this model's inner matrices and its initial (identity) variables."""
+def editor_net(cfg: ModelConfig, params: Any, hp: MENDConfig) -> MENDNet:
+    """The editor module for this model's inner matrices (a description: no weights, cheap)."""
     check_layers([l for l, _ in hp.inner_params], cfg.num_layers, "MEND")
     for l, n in hp.inner_params:
         if n not in params["layers"][l]["mlp"]:
             have = sorted(params["layers"][l]["mlp"])
             raise ValueError(f"MEND: inner param ({l}, {n!r}) not in this model; its MLP has {have}")
     shapes = tuple(tuple(int(s) for s in params["layers"][l]["mlp"][n]["kernel"].shape) for l, n in hp.inner_params)
-    return _initial_editor(shapes, hp)
+    return MENDNet(shapes, hp.rank, hp.n_hidden, hp.norm, hp.edit_lr)
 
 
-@functools.lru_cache(maxsize=4)  # one init per (model shapes, hp), not one per edit
-def _initial_editor(shapes: tuple[tuple[int, int], ...], hp: MENDConfig) -> tuple[MENDNet, dict]:
-    net = MENDNet(shapes, hp.rank, hp.n_hidden, hp.norm, hp.edit_lr)
-    xs = [jnp.zeros((1, i)) for i, _ in shapes]
-    ds = [jnp.zeros((1, o)) for _, o in shapes]
-    variables = net.init(jax.random.PRNGKey(hp.seed), xs, ds, [jnp.zeros((1,))] * len(shapes))
-    return net, jax.tree_util.tree_map(jnp.asarray, dict(variables))
+def initial_variables(net: MENDNet, hp: MENDConfig) -> dict:
+    """The editor's initial variables: identity maps (an untrained edit is one SGD step of
+    `edit_lr`), unit running statistics, seeded by `hp.seed`."""
+    xs = [jnp.zeros((1, i)) for i, _ in net.shapes]
+    ds = [jnp.zeros((1, o)) for _, o in net.shapes]
+    variables = net.init(jax.random.PRNGKey(hp.seed), xs, ds, [jnp.zeros((1,))] * len(net.shapes))
+    return jax.tree_util.tree_map(jnp.asarray, dict(variables))
 
 
-@functools.lru_cache(maxsize=2)  # the runner edits many times with one archive
-def _archived_editor(path: str, shapes: tuple[tuple[int, int], ...], hp: MENDConfig) -> dict:
-    return load_editor(path, _initial_editor(shapes, hp)[1])
+def make_editor(cfg: ModelConfig, params: Any, hp: MENDConfig) -> tuple[MENDNet, dict]:
+    """The editor module and its initial (identity) variables."""
+    net = editor_net(cfg, params, hp)
+    return net, initial_variables(net, hp)
+
+
+def resolve_editor(cfg: ModelConfig, params: Any, hp: MENDConfig) -> dict:
+    """The variables `hp` names: the archive `hp.archive` (read once per run and passed to every
+    edit, see `EditMethod.prepare`), else the untrained identity editor."""
+    init = make_editor(cfg, params, hp)[1]
+    return load_editor(hp.archive, init) if hp.archive else init
 
 
 # --- applying an edit -------------------------------------------------------------------------
 
 
-def _apply_editor(net: MENDNet, variables, params, cfg, hp: MENDConfig, tokens, attn_mask, target_mask,
-                  update_stats: bool = False):
-    """(edited params, pre-edit loss, new norm stats). Differentiable in `variables["params"]`."""
+def apply_editor(net: MENDNet, variables, params, cfg, hp: MENDConfig, tokens, attn_mask, target_mask,
+                 update_stats: bool = False):
+    """(edited params, pre-edit loss, new norm stats). Differentiable in `variables["params"]`, so
+    meta-training (`mend_train`) differentiates through it; `update_stats` folds this edit's (x, δ)
+    into the running normalisation statistics (meta-training only)."""
     loss, pairs = token_pairs(params, cfg, hp.inner_params, tokens, attn_mask, target_mask)
     flat = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731
     xs = [flat(pairs[k][0]) for k in hp.inner_params]
@@ -291,11 +293,11 @@ def _apply_editor(net: MENDNet, variables, params, cfg, hp: MENDConfig, tokens, 
 
 @functools.partial(jax.jit, static_argnames=("net", "cfg", "hp"))
 def _edit(net, variables, params, cfg, hp, tokens, attn_mask, target_mask):
-    new, loss, _ = _apply_editor(net, variables, params, cfg, hp, tokens, attn_mask, target_mask)
+    new, loss, _ = apply_editor(net, variables, params, cfg, hp, tokens, attn_mask, target_mask)
     return inner_kernels(new, hp.inner_params), loss  # only the edited leaves leave the jit
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_once(dtype: str) -> None:
     log.warning("MEND on %s weights: an update η·G below the weights' resolution is rounded away "
                 "(default model, untrained editor: 80%% of the inner-kernel entries change in float32, "
@@ -313,115 +315,27 @@ def _warn_low_precision(params: Any, hp: MENDConfig) -> None:
 
 def mend_edit(params: Any, cfg: ModelConfig, tokenizer: Any, requests: Sequence[Any], hp: MENDConfig,
               editor: dict | None = None) -> tuple[Any, dict]:
-    """Edit with MEND -> (new params, info). `editor` is the editor's variables (from `train_mend`
-    or `load_editor`); None loads `hp.archive`, or builds the untrained identity editor (one SGD
-    step of size `edit_lr`). The input pytree is untouched."""
-    net, init = make_editor(cfg, params, hp)
+    """Edit with MEND -> (new params, info). `editor` is the editor's variables (from
+    `mend_train.train_editor`, `load_editor` or `resolve_editor`); None resolves `hp` now (reads
+    `hp.archive`, or builds the untrained identity editor: one SGD step of size `edit_lr`).
+    The input pytree is untouched."""
+    net = editor_net(cfg, params, hp)
     _warn_low_precision(params, hp)
+    trained = editor is not None or hp.archive is not None
     if editor is None:
-        editor = _archived_editor(hp.archive, net.shapes, hp) if hp.archive else init
+        editor = resolve_editor(cfg, params, hp)
     b = make_batch(tokenizer, [r.prompt for r in requests], [r.target_new for r in requests])
     kernels, loss = _edit(net, editor, params, cfg, hp, jnp.asarray(b.tokens), jnp.asarray(b.attn_mask),
                           jnp.asarray(b.target_mask))
-    return replace_mlp_kernels(params, kernels), {"loss": float(loss), "trained_editor": editor is not init}
+    return replace_mlp_kernels(params, kernels), {"loss": float(loss), "trained_editor": trained}
 
 
-# --- meta-training ------------------------------------------------------------------------------
-
-
-def _answer_kl(pre_logits, post_logits, target_mask):
-    """KL(pre ‖ post) of the next-token distributions predicting the answer tokens, mean per token."""
-    m = target_mask[:, 1:]
-    lp, lq = jax.nn.log_softmax(pre_logits[:, :-1], -1), jax.nn.log_softmax(post_logits[:, :-1], -1)
-    kl = (jnp.exp(lp) * (lp - lq)).sum(-1)
-    return (kl * m).sum() / jnp.maximum(m.sum(), 1)
-
-
-def _meta_loss(trainable, stats, net, params, cfg, hp, edit, loc, rephrase=None):
-    """cedit·NLL(edit | edited) + cloc·KL(pre ‖ post on loc) [+ crephrase·NLL(rephrase | edited)].
-
-    `edit`, `loc`, `rephrase` are (tokens, attn_mask, target_mask) batches; only the editor's
-    variables are differentiated (x and δ depend on the frozen model alone)."""
-    variables = {"params": trainable, "norm_stats": stats}
-    new, _, new_stats = _apply_editor(net, variables, params, cfg, hp, *edit, update_stats=True)
-    nll = lambda b: target_nll(forward(new, cfg, b[0], attn_mask=b[1]).logits, b[0], b[2])  # noqa: E731
-    edit_loss = nll(edit)
-    pre = jax.lax.stop_gradient(forward(params, cfg, loc[0], attn_mask=loc[1]).logits)
-    loc_kl = _answer_kl(pre, forward(new, cfg, loc[0], attn_mask=loc[1]).logits, loc[2])
-    loss = hp.cedit * edit_loss + hp.cloc * loc_kl
-    if rephrase is not None:
-        loss = loss + hp.crephrase * nll(rephrase)
-    return loss, (new_stats, edit_loss, loc_kl)
-
-
-def meta_optimizer(hp: MENDConfig) -> optax.GradientTransformation:
-    """Clip, then Adam `lr` on g and Adam `lr_lr` on η, stepping every `accumulate` edits."""
-    labels = lambda tree: {k: ("lrs" if k == "edit_lrs" else "net") for k in tree}  # noqa: E731
-    inner = optax.chain(optax.clip_by_global_norm(hp.grad_clip),
-                        optax.multi_transform({"net": optax.adam(hp.lr), "lrs": optax.adam(hp.lr_lr)}, labels))
-    return optax.MultiSteps(inner, every_k_schedule=hp.accumulate)
-
-
-def _batches(tokenizer, prompts, targets):
-    b = make_batch(tokenizer, prompts, targets, batch_bucket=False)
-    return jnp.asarray(b.tokens), jnp.asarray(b.attn_mask), jnp.asarray(b.target_mask)
-
-
-@functools.lru_cache(maxsize=8)  # one optimiser (hence one compiled meta step) per hp
-def _cached_optimizer(hp: MENDConfig) -> optax.GradientTransformation:
-    return meta_optimizer(hp)
-
-
-@functools.partial(jax.jit, static_argnames=("net", "cfg", "hp"))
-def _meta_step(net, cfg, hp, trainable, stats, opt_state, params, edit, loc, rephrase=None):
-    (loss, (new_stats, el, kl)), g = jax.value_and_grad(_meta_loss, has_aux=True)(
-        trainable, stats, net, params, cfg, hp, edit, loc, rephrase)
-    upd, opt_state = _cached_optimizer(hp).update(g, opt_state, trainable)
-    return optax.apply_updates(trainable, upd), new_stats, opt_state, loss, el, kl
-
-
-def train_mend(params: Any, cfg: ModelConfig, tokenizer: Any, edits: Sequence[tuple[str, str]],
-               locality: Sequence[tuple[str, str]], hp: MENDConfig, steps: int, editor: dict | None = None
-               ) -> tuple[dict, list[dict]]:
-    """Meta-train the editor on `edits` (prompt, target) with `locality` (question, answer) inputs,
-    one edit + one locality pair per step, cycling through both (the seed's batch_size 1).
-    Returns the trained variables and a per-step log (meta-loss, post-edit NLL, locality KL)."""
-    net, init = make_editor(cfg, params, hp)
-    variables = init if editor is None else editor
-    opt = _cached_optimizer(hp)
-    edit_batches = [_batches(tokenizer, [p], [t]) for p, t in edits]
-    loc_batches = [_batches(tokenizer, [p], [t]) for p, t in locality]
-
-    trainable, stats = variables["params"], variables["norm_stats"]
-    opt_state = opt.init(trainable)
-    log = []
-    for i in range(steps):
-        trainable, stats, opt_state, loss, el, kl = _meta_step(
-            net, cfg, hp, trainable, stats, opt_state, params, edit_batches[i % len(edit_batches)],
-            loc_batches[i % len(loc_batches)])
-        log.append({"loss": float(loss), "edit_nll": float(el), "loc_kl": float(kl)})
-    return {"params": trainable, "norm_stats": stats}, log
-
-
-def post_edit_nll(params: Any, cfg: ModelConfig, tokenizer: Any, edits: Sequence[tuple[str, str]],
-                  hp: MENDConfig, editor: dict | None = None) -> float:
-    """Mean post-edit target NLL over `edits`, each applied alone to `params` (validation)."""
-    from types import SimpleNamespace
-
-    out = []
-    for p, t in edits:
-        new, _ = mend_edit(params, cfg, tokenizer, [SimpleNamespace(prompt=p, target_new=t)], hp, editor)
-        tokens, attn, tmask = _batches(tokenizer, [p], [t])
-        out.append(float(target_nll(forward(new, cfg, tokens, attn_mask=attn).logits, tokens, tmask)))
-    return float(np.mean(out))
-
-
-# --- checkpoints ------------------------------------------------------------------------------
+# --- editor archives ----------------------------------------------------------------------------
 
 
 def save_editor(path: str, editor: dict) -> None:
     """Write the editor's variables as an orbax checkpoint at `path` (absolute, must not exist)."""
-    import orbax.checkpoint as ocp
+    import orbax.checkpoint as ocp  # about a second to import: paid only by those who touch archives
 
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(path, editor)
@@ -449,249 +363,6 @@ def load_editor(path: str, like: dict) -> dict:
         return ckpt.restore(path, jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like))
 
 
-# --- training with validation, early stopping, best/latest checkpoints and resume --------------
-
-
-@functools.partial(jax.jit, static_argnames=("net", "cfg", "hp"))
-def _post_edit_metrics(net, variables, params, cfg, hp, edit, probes):
-    """Edit with the `edit` batch, then (teacher-forced target-token accuracy, target NLL) of the
-    edited model on each batch of `probes` (the edit itself, its rephrase, ...)."""
-    new, _, _ = _apply_editor(net, variables, params, cfg, hp, *edit)
-    out = []
-    for tokens, attn_mask, target_mask in probes:
-        logits = forward(new, cfg, tokens, attn_mask=attn_mask).logits
-        m = target_mask[:, 1:]
-        hit = (jnp.argmax(logits[:, :-1], -1) == tokens[:, 1:]).astype(jnp.float32)
-        out.append(((hit * m).sum() / jnp.maximum(m.sum(), 1), target_nll(logits, tokens, target_mask)))
-    return out
-
-
-def validate_editor(params: Any, cfg: ModelConfig, tokenizer: Any, edits: Sequence[tuple[str, str]],
-                    hp: MENDConfig, editor: dict, rephrases: Sequence[str] = ()) -> dict:
-    """Each held-out edit (prompt, target) applied alone -> {"edit_success": mean teacher-forced
-    target-token accuracy after the edit, "post_nll": mean post-edit target NLL}, plus
-    "rephrase_success" (the same accuracy after `rephrases[i]`, edit i's paraphrase) when given."""
-    net, _ = make_editor(cfg, params, hp)
-    rows = []
-    for i, (p, t) in enumerate(edits):
-        edit = _batches(tokenizer, [p], [t])
-        probes = (edit, _batches(tokenizer, [rephrases[i]], [t])) if rephrases else (edit,)
-        rows.append([float(v) for pair in _post_edit_metrics(net, editor, params, cfg, hp, edit, probes)
-                     for v in pair])
-    rows = np.asarray(rows)
-    out = {"edit_success": float(rows[:, 0].mean()), "post_nll": float(rows[:, 1].mean())}
-    if rephrases:
-        out["rephrase_success"] = float(rows[:, 2].mean())
-    return out
-
-
-@dataclasses.dataclass(frozen=True)
-class MENDTrainingData:
-    """Meta-training material: `edits` (prompt, target_new), `locality` (question, answer) and
-    held-out `val_edits` (prompt, target_new) for validation / early stopping. `rephrases` /
-    `val_rephrases` are the paraphrased prompts of `edits` / `val_edits`, index by index (empty
-    when the data has none; needed for `crephrase > 0`)."""
-
-    edits: tuple[tuple[str, str], ...]
-    locality: tuple[tuple[str, str], ...]
-    val_edits: tuple[tuple[str, str], ...]
-    rephrases: tuple[str, ...] = ()
-    val_rephrases: tuple[str, ...] = ()
-
-    def __post_init__(self):
-        for name, got, want in (("rephrases", self.rephrases, self.edits),
-                                ("val_rephrases", self.val_rephrases, self.val_edits)):
-            if got and len(got) != len(want):
-                raise ValueError(f"MENDTrainingData: {name} has {len(got)} entries for {len(want)} edits")
-
-
-def _is_zsre(path: str) -> bool:
-    """MEND-format ZsRE records have 'src'; CounterFact records do not."""
-    import json
-
-    with open(path) as f:
-        records = json.load(f)
-    return bool(records) and isinstance(records[0], dict) and "src" in records[0]
-
-
-def mend_training_edits(path: str, start: int | None = None, val_size: int = 200,
-                        limit: int | None = None) -> MENDTrainingData:
-    """Training material for MEND meta-training from a ZsRE training split (MEND format, e.g.
-    ``zsre_mend_train.json``; every record is used, ``start`` defaults to 0) or, without one, a
-    CounterFact file (e.g. ``../shared/data/counterfact-edit.json``; ``start`` defaults to 5000).
-
-    Records ``[0, start)`` are **never touched**: in a CounterFact file they stay reserved for
-    evaluating the edits (the runner's ``--ds_size`` takes the first records). Records ``start``
-    onwards (at most `limit` of them) are used: the last `val_size` are the held-out validation
-    edits, the rest are training edits (prompt, target_new), and every used training record with
-    a locality pair contributes (locality prompt, answer); each record's rephrased prompt (its own
-    prompt where it has none) fills `rephrases` / `val_rephrases`. Malformed records are skipped."""
-    from mirage_jax.datasets import load_counterfact, load_zsre
-
-    zsre = _is_zsre(path)
-    start = (0 if zsre else 5000) if start is None else start
-    reqs = list((load_zsre if zsre else load_counterfact)(path, skip_bad=True).requests)
-    reqs = [r for r in reqs if r.case_id >= start]
-    if limit is not None:
-        reqs = reqs[:limit]
-    if len(reqs) <= val_size:
-        raise ValueError(f"MEND training data: {path} has {len(reqs)} usable records from index {start}; "
-                         f"need more than val_size={val_size}")
-    train, val = reqs[: len(reqs) - val_size], reqs[len(reqs) - val_size:]
-    loc = tuple((lp.prompt, lp.answer) for r in train for lp in r.locality[:1])
-    if not loc:
-        raise ValueError(f"MEND training data: no locality pairs in {path} from index {start}")
-    rephrase = lambda rs: tuple(r.rephrase or r.prompt for r in rs)  # noqa: E731
-    return MENDTrainingData(tuple((r.prompt, r.target_new) for r in train), loc,
-                            tuple((r.prompt, r.target_new) for r in val), rephrase(train), rephrase(val))
-
-
-def _order(n: int, seed: int, stream: int, i: int) -> int:
-    """Index of step i's example: a fresh seeded permutation every epoch, so the data position is
-    a pure function of (seed, step) and a resumed run sees exactly the same sequence."""
-    epoch, pos = divmod(i, n)
-    return int(np.random.default_rng([seed, stream, epoch]).permutation(n)[pos])
-
-
-def _atomic_save(path: str, write) -> None:
-    """write(tmp_dir) then replace `path` by it; a kill leaves either the old or the new one
-    (or `path + '.new'`, which `_recover` restores)."""
-    import shutil
-
-    tmp = path + ".new"
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
-
-
-def _recover(path: str) -> str:
-    """`path`, restored from ``path + '.new'`` if a kill hit `_atomic_save` between its rmtree and
-    its rename (the '.new' copy is complete whenever `path` is missing)."""
-    if not os.path.exists(path) and os.path.exists(path + ".new"):
-        os.replace(path + ".new", path)
-    return path
-
-
-def _save_latest(path: str, tree: dict, meta: dict) -> None:
-    import json
-
-    def write(tmp):
-        os.makedirs(tmp)
-        save_editor(os.path.join(tmp, "state"), tree)
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(meta, f)
-
-    _atomic_save(path, write)
-
-
-def _save_best(out_dir: str, editor: dict, meta: dict) -> None:
-    import json
-
-    _atomic_save(os.path.join(out_dir, "best"), lambda tmp: save_editor(tmp, editor))
-    with open(os.path.join(out_dir, "best.json.tmp"), "w") as f:
-        json.dump(meta, f)
-    os.replace(os.path.join(out_dir, "best.json.tmp"), os.path.join(out_dir, "best.json"))
-
-
-def train_editor(params: Any, cfg: ModelConfig, tokenizer: Any, data: MENDTrainingData, hp: MENDConfig,
-                 steps: int, *, out_dir: str | None = None, val_every: int = 100, patience: int = 5,
-                 min_delta: float = 0.0, resume: bool = False, seed: int = 0, progress: bool = True,
-                 on_step=None) -> tuple[dict, dict]:
-    """Meta-train a MEND editor with validation, early stopping and checkpoints (fixes spec 4.5's
-    seed bugs: the stopper is updated, and the *best* editor is kept, not the latest).
-
-    One training edit (with its rephrase when ``hp.crephrase > 0``) + one locality pair per step,
-    both drawn in a seeded per-epoch shuffled order. Every `val_every` steps (and at the last step)
-    the editor is validated on `data.val_edits` (`validate_editor`: post-edit edit success and NLL,
-    and rephrase success when the data has `val_rephrases`). A strictly
-    better edit success (by more than `min_delta`) saves the editor to ``out_dir/best`` (plain
-    editor variables, usable as ``--hp archive=``; score in ``out_dir/best.json``); otherwise a
-    patience counter grows and training stops once it reaches `patience` validations. After each
-    validation ``out_dir/latest`` holds editor variables, optimiser state (incl. the gradient
-    accumulator), step, best score, patience counter and the data seed (data position = step);
-    ``resume=True`` continues from it. `on_step(step)` is called after every step (a test hook).
-
-    Returns (best editor variables, info: step, best_score, best_step, stopped_early, history of
-    validations, per-step log of this process)."""
-    import json
-
-    from tqdm.auto import tqdm
-
-    if steps < 1 or val_every < 1 or patience < 1:
-        raise ValueError("train_editor: steps, val_every and patience must be >= 1")
-    if not data.edits or not data.locality or not data.val_edits:
-        raise ValueError("train_editor: need training edits, locality pairs and validation edits")
-    if hp.crephrase and not data.rephrases:
-        raise ValueError("train_editor: crephrase > 0 needs rephrased prompts (MENDTrainingData.rephrases)")
-    net, init = make_editor(cfg, params, hp)
-    opt = _cached_optimizer(hp)
-    trainable, stats = init["params"], init["norm_stats"]
-    opt_state = opt.init(trainable)
-    step, best, best_step, bad, history = 0, -np.inf, -1, 0, []
-    best_editor = init
-    latest = None
-    if out_dir:
-        out_dir = os.path.abspath(out_dir)
-        latest = os.path.join(out_dir, "latest")
-        os.makedirs(out_dir, exist_ok=True)
-    found = _recover(latest) if (resume and latest) else None
-    if found and os.path.exists(os.path.join(found, "meta.json")):
-        with open(os.path.join(found, "meta.json")) as f:
-            meta = json.load(f)
-        if meta["seed"] != seed:
-            raise ValueError(f"train_editor: {found} was written with seed {meta['seed']}, not {seed}")
-        tree = load_editor(os.path.join(found, "state"),
-                           {"params": trainable, "norm_stats": stats, "opt_state": opt_state})
-        trainable, stats, opt_state = tree["params"], tree["norm_stats"], tree["opt_state"]
-        step, best, best_step, bad, history = (meta["step"], meta["best"], meta["best_step"], meta["bad"],
-                                               meta["history"])
-        best = -np.inf if best is None else best
-        if best_step >= 0:
-            best_editor = load_editor(_recover(os.path.join(out_dir, "best")), init)
-    stopped = bad >= patience
-    log = []
-    bar = tqdm(total=steps, initial=step, disable=not progress, desc="MEND", dynamic_ncols=True)
-    try:
-        while step < steps and not stopped:
-            i = _order(len(data.edits), seed, 0, step)
-            (ep, et), (lp, lt) = data.edits[i], data.locality[_order(len(data.locality), seed, 1, step)]
-            edit, loc = _batches(tokenizer, [ep], [et]), _batches(tokenizer, [lp], [lt])
-            rephrase = _batches(tokenizer, [data.rephrases[i]], [et]) if hp.crephrase else None
-            trainable, stats, opt_state, loss, el, kl = _meta_step(net, cfg, hp, trainable, stats, opt_state,
-                                                                   params, edit, loc, rephrase)
-            step += 1
-            log.append({"step": step, "loss": float(loss), "edit_nll": float(el), "loc_kl": float(kl)})
-            bar.update(1)
-            post = {"loss": f"{float(loss):.3f}"}
-            if step % val_every == 0 or step == steps:
-                variables = {"params": trainable, "norm_stats": stats}
-                val = validate_editor(params, cfg, tokenizer, data.val_edits, hp, variables, data.val_rephrases)
-                history.append({"step": step, **val})
-                if val["edit_success"] > best + min_delta:
-                    best, best_step, bad = val["edit_success"], step, 0
-                    best_editor = jax.device_get(variables)
-                    if out_dir:
-                        _save_best(out_dir, best_editor, {"step": step, **val, "hparams": architecture(hp)})
-                else:
-                    bad += 1
-                stopped = bad >= patience
-                if latest:
-                    _save_latest(latest, {"params": trainable, "norm_stats": stats, "opt_state": opt_state},
-                                 {"step": step, "best": best, "best_step": best_step, "bad": bad, "seed": seed,
-                                  "history": history})
-                bar.set_postfix(val_success=f"{val['edit_success']:.3f}", best=f"{best:.3f}", **post)
-            elif step % 10 == 0:
-                bar.set_postfix(**post)
-            if on_step is not None:
-                on_step(step)
-    finally:
-        bar.close()
-    info = {"step": step, "best_score": float(best), "best_step": best_step, "stopped_early": stopped,
-            "history": history, "log": log}
-    return best_editor, info
-
-
 ARCHITECTURE = ("inner_params", "rank", "n_hidden", "norm", "descent")  # what an archive fixes
 
 
@@ -702,10 +373,8 @@ def architecture(hp: MENDConfig) -> dict:
 
 def with_archive_architecture(hp: MENDConfig) -> MENDConfig:
     """`hp` with the architecture recorded beside its archive (``<archive>.json``, written by
-    `train_editor`), so an editor trained with ``--hp rank=256`` edits without repeating it.
-    A differing request is logged, not silently kept: the archive decides."""
-    import json
-
+    `mend_train.train_editor`), so an editor trained with ``--hp rank=256`` edits without repeating
+    it. A differing request is logged, not silently kept: the archive decides."""
     meta_path = hp.archive.rstrip("/") + ".json"
     if not os.path.exists(meta_path):
         return hp
@@ -719,32 +388,3 @@ def with_archive_architecture(hp: MENDConfig) -> MENDConfig:
         log.warning("MEND archive %s was trained with %s; using those, not %s", hp.archive,
                     {k: getattr(archived, k) for k in differ}, {k: getattr(hp, k) for k in differ})
     return archived
-
-
-def default_archive_dir(model_name: str, root: str = "results/mend") -> str:
-    """Where `launch.py` keeps a model's trained MEND editor: ``<root>/<model name>/best``."""
-    safe = model_name.strip("/").replace(os.sep, "_") or "model"
-    return os.path.abspath(os.path.join(root, safe, "best"))
-
-
-def resolve_archive(hp: MENDConfig, model: Any, train_data: str | None = None, train_steps: int = 200,
-                    root: str = "results/mend", **train_kw) -> MENDConfig:
-    """`hp` with `archive` set for a run: the given one, else ``<root>/<model>/best``, else (with
-    `train_data`, a ZsRE training split or a CounterFact file) train one there first; otherwise a
-    one-line ValueError."""
-    if hp.archive:
-        if not os.path.exists(hp.archive):
-            raise ValueError(f"MEND archive {hp.archive} does not exist")
-        return with_archive_architecture(dataclasses.replace(hp, archive=os.path.abspath(hp.archive)))
-    best = _recover(default_archive_dir(model.name, root))
-    if not os.path.exists(best) and train_data:
-        data = mend_training_edits(train_data, **{k: train_kw.pop(k) for k in ("start", "val_size", "limit")
-                                                  if k in train_kw})
-        train_editor(model.params, model.cfg, model.tokenizer, data, hp, train_steps, out_dir=os.path.dirname(best),
-                     resume=True, **train_kw)
-    if not os.path.exists(best):
-        raise ValueError(f"MEND needs a trained editor: none at {best}; pass --hp archive=<dir>, or train one with "
-                         f"--mend_train_data=<zsre_mend_train.json | counterfact.json> [--mend_train_steps=N] "
-                         f"or python -m mirage_jax.editing.mend_train")
-    return with_archive_architecture(dataclasses.replace(hp, archive=best))
-

@@ -21,19 +21,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mirage_jax.editing.common import check_layers, down_kernel, replace_down_kernels
+from mirage_jax.editing.common import check_layers, down_kernel, for_case, replace_down_kernels
 from mirage_jax.editing.locate import subject_span
-from mirage_jax.editing.templates import DEFAULT_LENGTH_PARAMS, context_templates
+from mirage_jax.editing.stats import KeyStatistics
+from mirage_jax.editing.templates import DEFAULT_LENGTH_PARAMS, templates_for
 from mirage_jax.editing.values import ValueSettings, build_problem, value_optimisation
 from mirage_jax.model.config import ModelConfig
 from mirage_jax.model.transformer import forward
-from mirage_jax.tokens import EditInputError
 
 VARIANTS = ("rome", "r-rome")
 KEY_MODES = ("random_prefix", "prompt")
@@ -69,11 +70,6 @@ class ROMEConfig:
             raise ValueError("v_num_grad_steps must be >= 1")
 
 
-class KeyStatistics(Protocol):
-    def second_moment(self, layer: int) -> Any:  # [F, F] uncentred E[k kᵀ] of the down-proj inputs
-        ...
-
-
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def subject_keys(params, cfg: ModelConfig, layer: int, tokens, attn_mask, subject_last):
     """MLP key k and output W k (+ b) of `layer` at each row's subject-last token, float32."""
@@ -92,37 +88,17 @@ def rank_one_update(kernel, u, k, wk, v_star):
     return (kernel.astype(jnp.float32) + jnp.outer(u, r)).astype(kernel.dtype), r
 
 
-_FACTOR: dict = {}  # (id(stats), layer) -> (stats, solve, factor); holds only the latest
-
-
 def key_covariance_solve(stats: KeyStatistics, layer: int, k: np.ndarray) -> np.ndarray:
-    """C⁻¹ k by a float64 Cholesky (else LU) solve, never an explicit inverse; the factor is
-    cached for the last (stats, layer) so sequential edits factorise once."""
-    import scipy.linalg
-
-    key = (id(stats), layer)
-    if key not in _FACTOR:
-        c = np.asarray(jax.device_get(stats.second_moment(layer)), np.float64)
-        if c.ndim != 2 or c.shape[0] != c.shape[1] or c.shape[0] != k.shape[0]:
-            raise ValueError(f"second_moment({layer}) has shape {c.shape}; expected [{k.shape[0]}, {k.shape[0]}]")
-        _FACTOR.clear()
-        try:
-            _FACTOR[key] = (stats, scipy.linalg.cho_solve, scipy.linalg.cho_factor(c))
-        except np.linalg.LinAlgError:  # only semi-definite (few samples): a pivoted LU still solves
-            _FACTOR[key] = (stats, scipy.linalg.lu_solve, scipy.linalg.lu_factor(c))
-    _, solve, factor = _FACTOR[key]
-    u = solve(factor, np.asarray(k, np.float64))
+    """C⁻¹ k by a Cholesky (else LU) solve on the device, never an explicit inverse; `stats`
+    factorises C once, so a sequence of edits reuses the factor."""
+    factor = stats.second_moment_factor(layer)
+    if factor.shape != (k.shape[0],) * 2:
+        raise ValueError(f"ROME: the key second moment of layer {layer} has shape {factor.shape}; "
+                         f"expected [{k.shape[0]}, {k.shape[0]}]")
+    u = np.asarray(factor.solve(jnp.asarray(k)))
     if not np.all(np.isfinite(u)):
         raise ValueError(f"ROME: the key second moment of layer {layer} is singular; collect more samples")
     return u
-
-
-def _for_case(request: Any, fn, *args):
-    """fn(*args), with an input error prefixed by the request's case id."""
-    try:
-        return fn(*args)
-    except EditInputError as err:
-        raise EditInputError(f"case {getattr(request, 'case_id', '?')}: {err}") from None
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -130,23 +106,25 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def rome_edit(params: Any, cfg: ModelConfig, tokenizer: Any, requests: Sequence[Any], hp: ROMEConfig,
-              stats: KeyStatistics | None = None) -> tuple[Any, dict]:
+              stats: KeyStatistics | None = None, templates: Sequence[str] | None = None) -> tuple[Any, dict]:
     """Apply ROME / R-ROME for each request in turn -> (new params, info). The input pytree is
-    untouched; `requests` need `prompt`, `subject`, `target_new` (and `case_id` for messages)."""
+    untouched; `requests` need `prompt`, `subject`, `target_new` (and `case_id` for messages).
+    `templates`: the context templates sampled once per run from the unedited model
+    (`templates.context_templates`); None samples them from `params` now."""
     layer = hp.layers[0]
     check_layers(hp.layers, cfg.num_layers, "ROME")
     if hp.mom2_adjustment and stats is None:
         raise ValueError(
-            "ROME: mom2_adjustment=True needs key statistics: pass stats=<object with "
-            "second_moment(layer) -> [d_ff, d_ff] array> to rome_edit, or set mom2_adjustment=false")
+            "ROME: mom2_adjustment=True needs key statistics: pass stats=<KeyStats, e.g. from "
+            "mirage_jax.editing.stats.find_key_stats> to rome_edit, or set mom2_adjustment=false")
     for r in requests:  # fail before any work, naming the record
-        _for_case(r, subject_span, r.prompt, r.subject)
-    templates = context_templates(params, cfg, tokenizer, hp.template_seed, hp.context_template_length_params)
+        for_case(r, subject_span, r.prompt, r.subject)
+    templates = templates_for(params, cfg, tokenizer, hp, templates)
     settings = ValueSettings.from_hparams(hp, layer, "mlp_out")
     m = len(templates)
     edits = []
     for r in requests:
-        problem = _for_case(r, build_problem, tokenizer, [r.prompt], [r.subject], [r.target_new], templates)
+        problem = for_case(r, build_problem, tokenizer, [r.prompt], [r.subject], [r.target_new], templates)
         b = problem.batch
         keys, outs = jax.device_get(subject_keys(params, cfg, layer, jnp.asarray(b.tokens),
                                                  jnp.asarray(b.attn_mask), jnp.asarray(b.subject_last)))

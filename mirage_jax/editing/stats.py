@@ -21,6 +21,8 @@ Here:
 - `load_rome_npz` / `stats_from_rome_dir`: the ROME / EasyEdit `.npz` files users already have.
 - `find_key_stats`: what MEMIT / AlphaEdit call; cached statistics or ROME files, else a
   `StatsError` that says how to compute them.
+- `KeyStats` also keeps what the editors derive from C on the device (C, its factor, AlphaEdit's
+  projector), computed once per instance (`KeyStatistics` lists them).
 - `python -m mirage_jax.editing.stats --model=... --layers=... --corpus=...`: the same from a shell.
 """
 
@@ -29,20 +31,23 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import logging
-import os
 import random
 import re
 import time
 import zipfile
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mirage_jax.editing.least_squares import CovarianceFactor, covariance_factor, null_space_projector
+from mirage_jax.io import savez
 from mirage_jax.model.transformer import forward
 from mirage_jax.tokens import bucket
 
@@ -69,11 +74,30 @@ class MissingStatsError(StatsError):
 # --- the statistic ----------------------------------------------------------------------------
 
 
+class KeyStatistics(Protocol):
+    """What the editors read from key statistics: device matrices derived from C = E[k kᵀ] [F, F]."""
+
+    def second_moment_device(self, layer: int) -> jax.Array:  # C (MEMIT's λC)
+        ...
+
+    def second_moment_factor(self, layer: int) -> CovarianceFactor:  # solves C x = b (ROME's C⁻¹ k*)
+        ...
+
+    def projector(self, layer: int, threshold: float) -> jax.Array:  # AlphaEdit's null-space P
+        ...
+
+
 class KeyStats:
     """Per-layer sum S_l = Σ k kᵀ and token count N_l; `second_moment(l)` = S_l / N_l.
 
     Built from ``{layer: (S [F, F] float32 or float64, N)}``; `source(l)` says where layer l came
     from (a cache file, a ROME file, or "memory").
+
+    The matrices the editors derive from C (C itself on the device, its factorisation, AlphaEdit's
+    projector) are computed on the device on first use and kept by this instance, so a sequence of
+    edits uploads and factorises each layer once and they go when the statistics go. Each method
+    keeps only what it asks for: C is uploaded transiently to derive a factor or a projector (an
+    F x F float32 matrix is 822 MB at Llama-3-8B's d_ff = 14336).
     """
 
     def __init__(self, sums: Mapping[int, tuple[np.ndarray, int]], sources: Mapping[int, str] | None = None):
@@ -86,6 +110,7 @@ class KeyStats:
                 raise StatsError(f"layer {layer}: token count is {int(n)}; the statistic needs at least one token")
             self._sums[int(layer)] = (s, int(n))
         self._sources = {int(k): v for k, v in (sources or {}).items()}
+        self._derived: dict[Hashable, Any] = {}  # (what, layer, ...) -> device matrix, see the class doc
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -100,6 +125,29 @@ class KeyStats:
         """C = E[k kᵀ] as a new float32 ``[F, F]`` array (keep it: it is F² floats each call)."""
         s, n = self._get(layer)
         return (s / n).astype(np.float32, copy=False)  # divided in S's own dtype: no float64 temporary
+
+    def second_moment_device(self, layer: int) -> jax.Array:
+        """C as a float32 device array, uploaded once (MEMIT solves with it at every edit)."""
+        return self._memo(("mom2", int(layer)), lambda: self._upload(layer))
+
+    def second_moment_factor(self, layer: int) -> CovarianceFactor:
+        """C factorised once on the device (Cholesky, else LU), for ROME's C⁻¹ k*."""
+        return self._memo(("factor", int(layer)), lambda: covariance_factor(self._upload(layer)))
+
+    def projector(self, layer: int, threshold: float) -> jax.Array:
+        """AlphaEdit's P = Û Ûᵀ over the eigenvectors of C with eigenvalue < threshold, [F, F] float32."""
+        return self._memo(("projector", int(layer), float(threshold)),
+                          lambda: null_space_projector(self._upload(layer), float(threshold)))
+
+    def _upload(self, layer: int) -> jax.Array:
+        """C on the device: the kept copy when there is one, else a transient upload."""
+        kept = self._derived.get(("mom2", int(layer)))
+        return kept if kept is not None else jnp.asarray(self.second_moment(layer), jnp.float32)
+
+    def _memo(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        if key not in self._derived:
+            self._derived[key] = compute()
+        return self._derived[key]
 
     def count(self, layer: int) -> int:
         """Number of tokens (keys) the statistic averages over."""
@@ -290,7 +338,8 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "unnamed"
 
 
-def cache_path(cache_dir: str | Path, model_name: str, corpus: Corpus, layer: int, n_samples: int, max_len: int) -> Path:
+def cache_path(cache_dir: str | Path, model_name: str, corpus: Corpus, layer: int, n_samples: int,
+               max_len: int) -> Path:
     """``<cache_dir>/<model>/<corpus>_<sha12>/layer<l>_mom2_n<n_samples>_len<max_len>.npz``."""
     return (Path(cache_dir) / _safe(model_name) / f"{_safe(corpus.name)}_{corpus.tag}"
             / f"layer{layer}_mom2_n{n_samples}_len{max_len}.npz")
@@ -298,17 +347,6 @@ def cache_path(cache_dir: str | Path, model_name: str, corpus: Corpus, layer: in
 
 def _partial_path(path: Path) -> Path:
     return path.with_name(path.stem + ".partial.npz")
-
-
-def _atomic_savez(path: Path, **arrays: Any) -> None:
-    """Write to `<path>.tmp`, then rename: a kill mid-write leaves the old file intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _npz_shape(path: Path, key: str) -> tuple[int, ...] | None:
@@ -360,8 +398,8 @@ def load_rome_npz(path: str | Path, expected_dim: int | None = None) -> tuple[np
     return (s / n).astype(np.float32, copy=False), n
 
 
-def rome_file_name(layer: int | str, layer_name_fmt: str = "model.layers.{}.mlp.down_proj", n_samples: int = DEFAULT_N_SAMPLES,
-                   dtype: str = "float32") -> str:
+def rome_file_name(layer: int | str, layer_name_fmt: str = "model.layers.{}.mlp.down_proj",
+                   n_samples: int = DEFAULT_N_SAMPLES, dtype: str = "float32") -> str:
     """ROME's `{layer_name}_{dtype}_mom2_{n}.npz` (e.g. `model.layers.5.mlp.down_proj_float32_mom2_100000.npz`)."""
     return f"{layer_name_fmt.format(layer)}_{dtype}_mom2_{n_samples}.npz"
 
@@ -471,7 +509,7 @@ def find_key_stats(
 
 
 def compute_key_stats(
-    model: "Model",
+    model: Model,
     layers: Sequence[int],
     corpus: Corpus | str | Path,
     *,
@@ -530,7 +568,7 @@ def compute_key_stats(
             s32 = s.astype(np.float32)
             sums[layer] = (s32, count)
             if cache_dir:
-                _atomic_savez(paths[layer], **{
+                savez(paths[layer], **{
                     "mom2.mom2": s32, "mom2.count": np.int64(count), "mom2.constructor": np.str_(ROME_CONSTRUCTOR),
                     "sample_size": np.int64(n), "mirage.model": np.str_(model.name),
                     "mirage.corpus": np.str_(f"{corpus.name}_{corpus.tag}"), "mirage.layer": np.int64(layer),
@@ -547,8 +585,8 @@ def _accumulate(model, layers, corpus, n, max_len, batch_tokens, checkpoint_ever
 
     f_dim = model.cfg.intermediate_size
     acc = {l: np.zeros((f_dim, f_dim), np.float64) for l in layers}
-    count = {l: 0 for l in layers}
-    start = {l: 0 for l in layers}  # documents already in acc[l]
+    count = dict.fromkeys(layers, 0)
+    start = dict.fromkeys(layers, 0)  # documents already in acc[l]
     if paths and resume:
         for layer in layers:
             done = _load_partial(_partial_path(paths[layer]), f_dim, n)
@@ -562,7 +600,7 @@ def _accumulate(model, layers, corpus, n, max_len, batch_tokens, checkpoint_ever
     bar = tqdm(total=n, initial=begin, unit="doc", disable=not progress, dynamic_ncols=True,
                desc=f"mom2 {model.name} layers {','.join(map(str, layers))}")
     tokens_seen, t0 = 0, time.perf_counter()
-    for c0, c1 in zip(edges[:-1], edges[1:]):
+    for c0, c1 in itertools.pairwise(edges):
         ids = model.tokenizer(corpus.read(order[c0:c1]), truncation=True, max_length=max_len)["input_ids"]
         chunk = jnp.zeros((len(layers), f_dim, f_dim), jnp.float32)
         chunk_tokens = 0
@@ -583,7 +621,7 @@ def _accumulate(model, layers, corpus, n, max_len, batch_tokens, checkpoint_ever
                 acc[layer] += chunk_sums[i]
                 count[layer] += chunk_tokens
                 if paths and c1 < n:
-                    _atomic_savez(_partial_path(paths[layer]), sum=acc[layer], count=np.int64(count[layer]),
+                    savez(_partial_path(paths[layer]), sum=acc[layer], count=np.int64(count[layer]),
                                   docs_done=np.int64(c1), n_samples=np.int64(n))
     bar.close()
     return {l: (acc[l], count[l]) for l in layers}
@@ -611,7 +649,7 @@ def _load_partial(path: Path, f_dim: int, n: int) -> tuple[np.ndarray, int, int]
 def main(argv: Sequence[str]) -> None:
     from absl import flags
 
-    from mirage_jax.model import load_model
+    from mirage_jax.cli import load_model_from_flags
 
     f = flags.FLAGS
     if len(argv) > 1:
@@ -619,7 +657,7 @@ def main(argv: Sequence[str]) -> None:
     layers = [int(x) for x in f.layers.split(",") if x.strip()]
     try:
         corpus = read_corpus(f.corpus, f.text_field)
-        model = load_model(f.model, dtype=f.dtype)
+        model = load_model_from_flags()
         stats = compute_key_stats(model, layers, corpus, n_samples=f.n_samples, max_len=f.max_len,
                                   batch_tokens=f.batch_tokens, checkpoint_every=f.checkpoint_every,
                                   cache_dir=f.cache_dir)
@@ -632,7 +670,10 @@ def main(argv: Sequence[str]) -> None:
 def _flags() -> None:
     from absl import flags
 
-    flags.DEFINE_string("model", "default", "'default', an HF checkpoint directory or a .gguf file")
+    from mirage_jax import cli
+
+    cli.define_model_flags()
+    flags.adopt_module_key_flags(cli)
     flags.DEFINE_string("layers", None, "comma-separated layer indices, e.g. 4,5,6,7,8", required=True)
     flags.DEFINE_string("corpus", WIKIPEDIA, "a .jsonl file, a text file (blank-line separated) or a folder of .txt")
     flags.DEFINE_string("text_field", "text", "JSONL field holding the document text")
@@ -641,7 +682,6 @@ def _flags() -> None:
     flags.DEFINE_integer("batch_tokens", 4096, "rows x width of one batch")
     flags.DEFINE_integer("checkpoint_every", 1000, "documents between partial-sum checkpoints")
     flags.DEFINE_string("cache_dir", "stats", "cache root: <cache_dir>/<model>/<corpus>_<sha>/layer<l>_...npz")
-    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "parameter dtype")
 
 
 if __name__ == "__main__":

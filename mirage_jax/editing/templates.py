@@ -14,9 +14,9 @@ Sampling runs as one jitted prefill + ``fori_loop`` over the KV cache, all rows 
 from __future__ import annotations
 
 import functools
-import hashlib
 import unicodedata
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,22 +29,6 @@ from mirage_jax.tokens import bucket
 SEED_WORDS = ("The", "Therefore", "Because", "I", "You")
 TOP_K = 5
 DEFAULT_LENGTH_PARAMS = ((5, 10), (10, 10))
-
-_CACHE: dict[tuple, tuple[str, ...]] = {}
-
-
-def model_fingerprint(params: Any, cfg: ModelConfig, tokenizer: Any) -> str:
-    """Identifies the model the templates were sampled from. Built from the config, the
-    tokenizer and the embedding / final-norm tables, deliberately not from the MLP kernels: an
-    edit changes those, and the seed samples templates once per process, before any edit."""
-    emb = np.asarray(jax.device_get(params["embed"]["embedding"][:64]), np.float32)
-    norm = np.asarray(jax.device_get(params["final_norm"]["scale"]), np.float32)
-    h = hashlib.sha256(repr(cfg).encode())
-    h.update(f"{type(tokenizer).__name__}:{len(tokenizer)}:{getattr(tokenizer, 'name_or_path', '')}".encode())
-    h.update(emb.tobytes())
-    h.update(norm.tobytes())
-    return h.hexdigest()[:16]
-
 
 @functools.partial(jax.jit, static_argnums=(1, 5))
 def _sample_top_k(params, cfg: ModelConfig, tokens, mask, key, max_new: int):
@@ -101,20 +85,28 @@ def context_templates(
     seed: int = 0,
     length_params: Sequence[Sequence[int]] = DEFAULT_LENGTH_PARAMS,
 ) -> tuple[str, ...]:
-    """``("{}", "<sample>. {}", ...)``: 1 + sum(n) templates, cached per (model, seed, params)."""
+    """``("{}", "<sample>. {}", ...)``: 1 + sum(n) templates sampled from this model.
+
+    The seed samples them once per process, before any edit: a run does the same by sampling
+    them once from the unedited model (`EditMethod.prepare`) and passing them to every edit,
+    instead of a hidden cache. A call is a pure function of (model, seed, length_params)."""
     length_params = tuple((int(length), int(n)) for length, n in length_params)
-    cache_key = (model_fingerprint(params, cfg, tokenizer), int(seed), length_params)
-    if cache_key in _CACHE:
-        return _CACHE[cache_key]
     prompts, lengths = [], []
     for length, n in length_params:
         for word in SEED_WORDS:
             prompts += [word] * (n // len(SEED_WORDS))
             lengths += [length] * (n // len(SEED_WORDS))
     texts = sample_texts(params, cfg, tokenizer, prompts, lengths, jax.random.PRNGKey(seed)) if prompts else []
-    templates = ("{}",) + tuple(t.replace("{", " ").replace("}", " ") + ". {}" for t in texts)
-    _CACHE[cache_key] = templates
-    return templates
+    return ("{}",) + tuple(t.replace("{", " ").replace("}", " ") + ". {}" for t in texts)
+
+
+def templates_for(params: Any, cfg: ModelConfig, tokenizer: Any, hp: Any,
+                  templates: Sequence[str] | None = None) -> tuple[str, ...]:
+    """`templates` when the caller sampled them already (once per run), else those `hp` asks for
+    (`template_seed`, `context_template_length_params`) sampled from `params` now."""
+    if templates is not None:
+        return tuple(templates)
+    return context_templates(params, cfg, tokenizer, hp.template_seed, hp.context_template_length_params)
 
 
 def template_prefix(template: str) -> str:

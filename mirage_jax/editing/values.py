@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +59,7 @@ class ValueSettings(NamedTuple):
     stop_loss: float  # a request whose loss is below this stops (seed: 5e-2)
 
     @classmethod
-    def from_hparams(cls, hp: Any, layer: int, site: str) -> "ValueSettings":
+    def from_hparams(cls, hp: Any, layer: int, site: str) -> ValueSettings:
         if site not in V_SITES:
             raise ValueError(f"value site must be one of {V_SITES}, got {site!r}")
         return cls(int(layer), site, int(hp.v_num_grad_steps), float(hp.v_lr), float(hp.v_weight_decay),

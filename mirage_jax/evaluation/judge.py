@@ -28,8 +28,9 @@ import os
 import re
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from mirage_jax.evaluation.answers import exact_match
 

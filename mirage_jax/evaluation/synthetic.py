@@ -8,15 +8,16 @@ pre-edit ones over the locality answer span. One jitted forward per (batch, leng
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mirage_jax.tokens import make_batch
 from mirage_jax.model.config import ModelConfig
 from mirage_jax.model.transformer import forward
+from mirage_jax.tokens import make_batch
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
@@ -45,7 +46,8 @@ def predicted_target_tokens(
 
 def token_accuracy(params, cfg, tokenizer, prompts, targets, batch_size: int = 32) -> list[float]:
     """Reliability / generalisation: teacher-forced target-token accuracy per sample."""
-    return [float(np.mean(p == g)) for p, g in predicted_target_tokens(params, cfg, tokenizer, prompts, targets, batch_size)]
+    pairs = predicted_target_tokens(params, cfg, tokenizer, prompts, targets, batch_size)
+    return [float(np.mean(p == g)) for p, g in pairs]
 
 
 def locality_agreement(pre: Sequence[np.ndarray], post: Sequence[np.ndarray]) -> list[float]:

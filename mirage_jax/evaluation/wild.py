@@ -8,7 +8,8 @@ batched `generate_ids` call; the judge sees the raw question, never the wrapped 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from mirage_jax.evaluation.answers import StopRule, clean_answer, find_stop, normalize_answer, wrap_context
 from mirage_jax.generate import generate_ids

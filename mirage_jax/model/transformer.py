@@ -31,7 +31,8 @@ projection, the ROME/MEMIT key k), ``mlp_out`` (MLP output, the ROME value), ``r
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -147,12 +148,32 @@ def _add_at(x: jax.Array, index: jax.Array, vector: jax.Array) -> jax.Array:
     return x + onehot[:, :, None] * vector[:, None, :].astype(x.dtype)
 
 
-def _layer(cfg, p, x, positions, key_mask, cache_kv, cache_index, layer, reads, adds, out_reads):
+def _layer(
+    *,
+    cfg: ModelConfig,
+    p: Params,
+    x: jax.Array,
+    positions: jax.Array,
+    key_mask: jax.Array,
+    cache_kv: tuple[jax.Array, jax.Array] | None,
+    cache_index: jax.Array | int,
+    layer: int,
+    reads: tuple[Site, ...],
+    adds: Mapping[Site, tuple[jax.Array, jax.Array]],
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None, dict[Site, jax.Array]]:
+    """One decoder layer ``p`` (index ``layer``) on the hidden state ``x`` ``[B, T, D]``.
+
+    Returns the hidden state leaving the layer, this layer's updated ``(k, v)`` cache (None without
+    a cache) and the reads of this layer, ``{(site, layer): [B, T, X]}``: returned, not written into
+    a caller's dict, so that a layer is a function of its arguments and nothing else.
+    """
+    captured: dict[Site, jax.Array] = {}
+
     def hook(site: str, value: jax.Array) -> jax.Array:
         if (site, layer) in adds:
             value = _add_at(value, *adds[(site, layer)])
         if (site, layer) in reads:
-            out_reads[(site, layer)] = value
+            captured[(site, layer)] = value
         return value
 
     x = hook("layer_in", x)
@@ -167,7 +188,7 @@ def _layer(cfg, p, x, positions, key_mask, cache_kv, cache_index, layer, reads, 
     key = hook("mlp_key", key)
     mlp_out = hook("mlp_out", _dense(m["down"], key))
     out = x + attn + mlp_out
-    return hook("residual", out), new_kv
+    return hook("residual", out), new_kv, captured
 
 
 def embed(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array) -> jax.Array:
@@ -230,10 +251,11 @@ def forward(
     new_k, new_v = (list(cache.k), list(cache.v)) if cache is not None else (None, None)
     for layer in range(start_layer, stop):
         kv = (cache.k[layer], cache.v[layer]) if cache is not None else None
-        x, new_kv = _layer(
-            cfg, params["layers"][layer], x, positions, attn_mask, kv, cache_index, layer,
-            reads, adds, out_reads,
+        x, new_kv, layer_reads = _layer(
+            cfg=cfg, p=params["layers"][layer], x=x, positions=positions, key_mask=attn_mask, cache_kv=kv,
+            cache_index=cache_index, layer=layer, reads=reads, adds=adds,
         )
+        out_reads.update(layer_reads)
         if new_kv is not None:
             new_k[layer], new_v[layer] = new_kv
     logits = unembed(params, cfg, x) if return_logits and stop == cfg.num_layers else None

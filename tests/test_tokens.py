@@ -1,0 +1,127 @@
+"""The prompt/target split (`mirage_jax.tokens`) and the synthetic metric on the default model's
+real byte-level BPE tokenizer (SmolLM2), where a leading space is part of a word's token.
+
+The expectations are built without `tokens.py`: the prompt tokenised alone, prompt + " " + target
+tokenised whole, and (for the metric) one unpadded `transformers` forward per request; the token
+tables in the comments are the hand-checked values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mirage_jax.evaluation.synthetic import locality_agreement, token_accuracy
+from mirage_jax.tokens import EditInputError, make_batch, split_prompt_target
+
+# (prompt, target, the target's tokens in context). "Ġ" is the byte-level BPE space.
+SPLITS = [
+    ("The capital of France is", "Paris", ["ĠParis"]),  # alone, "Paris" would be another token
+    ("The capital of France is", "  Paris ", ["ĠParis"]),  # outer whitespace dropped, one joining space
+    ("He was born in", "1990", ["Ġ", "1", "9", "9", "0"]),  # digits split: the joining space stands alone
+    ("Q: Who?", "Danielle Darrieux", ["ĠDaniel", "le", "ĠDar", "rie", "ux"]),
+    ("x", "'s mother", ["Ġ'", "s", "Ġmother"]),
+]
+
+# (prompt, target, teacher-forced accuracy) on the default model. Target tokens -> argmax
+# predictions from the gold prefix (transformers, float32):
+#   Paris            ĠParis                                  -> ĠParis                          1/1
+#   Lyon             ĠLyon                                   -> ĠParis                          0/1
+#   Paris, the ...   ĠParis , Ġthe Ġcity Ġof Ġlight          -> ĠParis . Ġand Ġcapital Ġthat Ġlove   1/6
+#   the Moon         Ġthe ĠMoon                              -> ĠMars ĠMoon                     1/2
+#   1990             Ġ 1 9 9 0                               -> Ġ 1 9 8 9                       3/5
+#   Paris, France    ĠParis , ĠFrance                        -> Ġthe , ĠFrance                  2/3
+#   Tokyo, ...       ĠTokyo , Ġthe Ġlargest Ġcity Ġin ĠJapan -> ĠTokyo . Ġand Ġcapital Ġcity Ġin Ġthe   3/7
+# (smallest top-1 margin over these positions: 0.038 logits, far above our ~1e-3 from transformers).
+ACCURACY = [
+    ("The capital of France is", "Paris", 1.0),
+    ("The capital of France is", "Lyon", 0.0),
+    ("The capital of France is", "Paris, the city of light", 1 / 6),
+    ("In 1969, the first humans landed on", "the Moon", 1 / 2),
+    ("He was born in", "1990", 3 / 5),
+    ("The Eiffel Tower is located in", "Paris, France", 2 / 3),
+    ("The capital of Japan is", "Tokyo, the largest city in Japan", 3 / 7),
+]
+
+
+@pytest.fixture(scope="module")
+def tok(default_model):
+    return default_model.tokenizer
+
+
+def _independent_split(tok, prompt: str, target: str, special: bool = True) -> tuple[list[int], int]:
+    """(ids of prompt + " " + target, number of prompt tokens), from two plain tokenizer calls."""
+    full = tok(prompt + " " + target.strip(), add_special_tokens=special)["input_ids"]
+    alone = tok(prompt, add_special_tokens=special)["input_ids"]
+    assert full[: len(alone)] == alone  # byte-level BPE never merges across the joining space
+    return full, len(alone)
+
+
+@pytest.mark.parametrize("prompt, target, expected", SPLITS)
+def test_target_is_tokenised_in_context(tok, prompt, target, expected):
+    ids, n_prompt = split_prompt_target(tok, prompt, target)
+    assert (ids, n_prompt) == _independent_split(tok, prompt, target)
+    assert tok.convert_ids_to_tokens(ids[n_prompt:]) == expected
+    assert tok.decode(ids[n_prompt:]) == " " + target.strip()
+
+
+def test_target_after_a_chat_template(tok):
+    """The template already holds every special token (add_special_tokens=False); the target
+    starts after the template's final newline."""
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     add_generation_prompt=True, tokenize=False)
+    ids, n_prompt = split_prompt_target(tok, prompt, "Paris", add_special_tokens=False)
+    assert (ids, n_prompt) == _independent_split(tok, prompt, "Paris", special=False)
+    assert tok.convert_ids_to_tokens(ids[n_prompt - 1:]) == ["Ċ", "ĠParis"]
+
+
+def test_empty_target_is_an_error(tok):
+    with pytest.raises(EditInputError, match="empty target"):
+        split_prompt_target(tok, "The capital of France is", "  ")
+
+
+def test_batch_is_left_padded_with_the_mask_exactly_on_the_target(tok):
+    """Planted bug this catches (seen failing): the target mask starting one token early
+    (`tmask[r, off + n_prompt - 1:]`, the last prompt token counted as target)."""
+    prompts, targets = ["The capital of France is", "Q: Who?", "He was born in"], ["Paris", "Danielle Darrieux", "1990"]
+    b = make_batch(tok, prompts, targets)
+    assert b.tokens.shape == b.attn_mask.shape == b.target_mask.shape == (4, 16)  # buckets: 3 rows -> 4, 10 -> 16
+    assert b.n_rows == 3
+    # Row 0 by hand: 5 prompt tokens + "ĠParis" = 6 tokens, right-aligned in 16 slots.
+    assert np.flatnonzero(b.target_mask[0]).tolist() == [15] and b.prompt_last[0] == 14
+    assert b.attn_mask[0].tolist() == [0] * 10 + [1] * 6
+    for r, (prompt, target) in enumerate(zip(prompts, targets)):
+        full, n_prompt = _independent_split(tok, prompt, target)
+        off = 16 - len(full)
+        assert b.tokens[r, off:].tolist() == full
+        assert (b.tokens[r, :off] == tok.pad_token_id).all()
+        assert b.attn_mask[r].tolist() == [0] * off + [1] * len(full)
+        assert np.flatnonzero(b.target_mask[r]).tolist() == list(range(off + n_prompt, 16))
+        assert b.prompt_last[r] == off + n_prompt - 1
+    assert not b.target_mask[3].any()  # the filler row has no target
+
+
+def test_token_accuracy_is_teacher_forced_target_accuracy(default_model, default_reference):
+    """Left-padded batches of 3 (so rows of different lengths share a batch) against the table
+    above, which one unpadded transformers forward per request reproduces. Planted bugs this
+    catches (seen failing): the target mask starting one token early; the prediction for target
+    token t read at t instead of t - 1."""
+    torch = pytest.importorskip("torch")
+    tok = default_model.tokenizer
+    prompts, targets, expected = (list(col) for col in zip(*ACCURACY))
+    by_reference = []
+    for prompt, target in zip(prompts, targets):
+        full, n_prompt = _independent_split(tok, prompt, target)
+        with torch.no_grad():
+            logits = default_reference(torch.tensor([full])).logits[0].numpy()
+        predictions = logits[n_prompt - 1 : len(full) - 1].argmax(-1)  # position i predicts token i + 1
+        by_reference.append(float(np.mean(predictions == np.asarray(full[n_prompt:]))))
+    assert by_reference == pytest.approx(expected, abs=1e-12)
+    got = token_accuracy(default_model.params, default_model.cfg, tok, prompts, targets, batch_size=3)
+    assert got == pytest.approx(expected, abs=1e-12)
+
+
+def test_locality_agreement_is_the_fraction_of_equal_positions():
+    pre = [np.array([5, 6, 7]), np.array([1, 2]), np.array([9])]
+    post = [np.array([5, 0, 7]), np.array([3, 4]), np.array([9])]
+    assert locality_agreement(pre, post) == pytest.approx([2 / 3, 0.0, 1.0])
