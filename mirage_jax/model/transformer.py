@@ -106,15 +106,22 @@ def _rope(cfg: ModelConfig, x: jax.Array, positions: jax.Array) -> jax.Array:
     return jnp.concatenate([out, rest], axis=-1) if rest.shape[-1] else out
 
 
+class Placement(NamedTuple):
+    """Where this call's T tokens sit: the same for every layer of one forward."""
+
+    positions: jax.Array  # [B, T] RoPE / position-table index of each token
+    key_mask: jax.Array  # [B, S] key slots holding real tokens (S = T without a cache, the cache length with one)
+    cache_index: jax.Array | int  # cache slot of the first of the T tokens (0 without a cache)
+
+
 def _attention(
     cfg: ModelConfig,
     p: Params,
     x: jax.Array,
-    positions: jax.Array,
-    key_mask: jax.Array,
+    where: Placement,
     cache_kv: tuple[jax.Array, jax.Array] | None,
-    cache_index: jax.Array | int,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    positions, key_mask, cache_index = where
     b, t, _ = x.shape
     hq, hk, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     q = _dense(p["q"], x).reshape(b, t, hq, hd)
@@ -153,10 +160,8 @@ def _layer(
     cfg: ModelConfig,
     p: Params,
     x: jax.Array,
-    positions: jax.Array,
-    key_mask: jax.Array,
+    where: Placement,
     cache_kv: tuple[jax.Array, jax.Array] | None,
-    cache_index: jax.Array | int,
     layer: int,
     reads: tuple[Site, ...],
     adds: Mapping[Site, tuple[jax.Array, jax.Array]],
@@ -178,7 +183,7 @@ def _layer(
 
     x = hook("layer_in", x)
     h = _norm(cfg, p["attn_norm"], x)
-    attn, new_kv = _attention(cfg, p["attn"], h, positions, key_mask, cache_kv, cache_index)
+    attn, new_kv = _attention(cfg, p["attn"], h, where, cache_kv)
     mlp_in = hook("mlp_in", h if cfg.parallel_residual else _norm(cfg, p["mlp_norm"], x + attn))
     m = p["mlp"]
     if cfg.gated_mlp:
@@ -249,12 +254,11 @@ def forward(
     stop = cfg.num_layers if stop_layer is None else stop_layer
     out_reads: dict[Site, jax.Array] = {}
     new_k, new_v = (list(cache.k), list(cache.v)) if cache is not None else (None, None)
+    where = Placement(positions, attn_mask, cache_index)
     for layer in range(start_layer, stop):
         kv = (cache.k[layer], cache.v[layer]) if cache is not None else None
-        x, new_kv, layer_reads = _layer(
-            cfg=cfg, p=params["layers"][layer], x=x, positions=positions, key_mask=attn_mask, cache_kv=kv,
-            cache_index=cache_index, layer=layer, reads=reads, adds=adds,
-        )
+        x, new_kv, layer_reads = _layer(cfg=cfg, p=params["layers"][layer], x=x, where=where, cache_kv=kv,
+                                        layer=layer, reads=reads, adds=adds)
         out_reads.update(layer_reads)
         if new_kv is not None:
             new_k[layer], new_v[layer] = new_kv
