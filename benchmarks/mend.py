@@ -78,14 +78,15 @@ def timings(first_step, steady_steps, edit, reqs, sync) -> dict:
 def time_ours(cfg, params, tok, hp, edits, loc, reqs):
     import jax
 
-    from mirage_jax.editing.mend import inner_kernels, mend_edit
+    from mirage_jax.editing.mend import inner_kernels, mend_edit, resolve_editor
     from mirage_jax.editing.mend_train import MENDTrainingData, train_editor
 
     def train(i, n):  # n steps on edits i..i+n-1, no validation: the bare training loop
         data = MENDTrainingData(tuple(edits[i: i + n]), tuple(loc[i: i + n]), val_edits=())
         return train_editor(params, cfg, tok, data, hp, n, progress=False)[0]
 
-    edit = lambda r: inner_kernels(mend_edit(params, cfg, tok, [r], hp)[0], hp.inner_params)  # noqa: E731
+    editor = resolve_editor(cfg, params, hp)  # once, as a run does (`EditMethod.prepare`)
+    edit = lambda r: inner_kernels(mend_edit(params, cfg, tok, [r], hp, editor)[0], hp.inner_params)  # noqa: E731
     return timings(lambda: train(0, 1), lambda: train(1, FLAGS.steps), edit, reqs, jax.block_until_ready)
 
 
