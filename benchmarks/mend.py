@@ -11,18 +11,17 @@ one edit + one locality pair per step (the paper's batch size 1) with the config
 accumulation. Edits are single-request edits with an untrained editor (the cost does not depend
 on training); with it both sides must produce the same new weights, printed as a max |diff|.
 Requests: CounterFact records 5000+ for training, the first ones for editing, when
-../shared/data/counterfact-edit.json exists; a synthetic family otherwise.
+data/counterfact-edit.json (shipped) exists; a synthetic family otherwise.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 from absl import app, flags
 
-from common import load_edit_subject, torch_twin
+from common import REPO, load_edit_subject, torch_twin
 from mirage_jax import cli
 
 FLAGS = flags.FLAGS
@@ -34,7 +33,7 @@ flags.DEFINE_string("tokenizer", None, "tokenizer directory for --random_llama7b
 flags.DEFINE_integer("steps", 20, "meta-training steps timed after the compiling / warm-up one")
 flags.DEFINE_integer("edits", 10, "edits timed after the compiling / warm-up one")
 flags.DEFINE_bool("torch", True, "also run the PyTorch baseline")
-CF = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact-edit.json"
+CF = REPO / "data" / "counterfact-edit.json"
 
 
 def pairs(n: int, start: int):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-import common  # noqa: F401  (makes the checkout importable)
+import common  # makes the checkout importable; REPO
 from mirage_jax import cli
 
 cli.define_model_flags()
@@ -28,7 +28,7 @@ flags.DEFINE_integer("max_new_tokens", 50, "generation budget (the paper's)")
 flags.DEFINE_bool("hf_no_cache", True, "also time HF with use_cache=False (the paper's setting; slow)")
 FLAGS = flags.FLAGS
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "QAEdit_inter_1k.json"
+DATA = common.REPO / "data" / "QAEdit_inter_1k.json"
 
 
 def hf_loop(hf, tok, reqs, max_new, use_cache):

@@ -38,7 +38,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-DATASET_NAMES = ("qaedit", "zsre", "counterfact")
+DATASET_NAMES = ("demo", "qaedit", "zsre", "counterfact")
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"  # shipped with the repository (data/README.md)
+# What `--dataset=<name>` reads without `--data_path`. ZsRE is not shipped (its licence is unclear).
+SHIPPED = {"demo": "demo_edits.json", "qaedit": "QAEdit_inter_1k.json", "counterfact": "counterfact-edit.json"}
+ZSRE_HINT = ("ZsRE is not shipped with mirage_jax (its licence is unclear): download zsre_mend_eval.json "
+             "(MEND's ZsRE evaluation split, 19,086 records; e.g. from the MEND / ROME data releases) and "
+             "pass --data_path=<that file>")
 
 
 class DatasetError(ValueError):
@@ -243,19 +249,40 @@ def _counterfact_request(record: dict, index: int) -> EditRequest:
     return _counterfact_flat_request(record, index)
 
 
-def _read_records(path: str | Path) -> list:
+def read_records(path: str | Path) -> list:
+    """The records of an edit dataset file: a JSON list, or JSONL (one JSON object per line, e.g.
+    a `datasets.Dataset.to_json` export of the full 19k QAEdit). JSONL is recognised by its suffix
+    (`.jsonl`, `.ndjson`) or by content (several top-level values); record i is the
+    i-th non-blank line, and a bad line is named by its line number."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise DatasetError(f"{path}: cannot read edit dataset: {e.strerror or e}", path=str(path)) from e
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        return _jsonl_records(path, text)
     try:
         records = json.loads(text)
     except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # several top-level values: JSON lines
+            return _jsonl_records(path, text)
         raise DatasetError(f"{path}: not valid JSON: {e}", path=str(path)) from e
-    if not isinstance(records, list):
-        raise DatasetError(f"{path}: expected a JSON list of records, got {type(records).__name__}",
+    if not isinstance(records, list):  # one object is a mistake here, a one-record file only as .jsonl
+        raise DatasetError(f"{path}: expected a JSON list of records (or JSON lines), got {type(records).__name__}",
                            path=str(path))
+    return records
+
+
+def _jsonl_records(path: Path, text: str) -> list:
+    records = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{path}: line {lineno} (record {len(records)}): not valid JSON: {e}",
+                               path=str(path), index=len(records)) from e
     return records
 
 
@@ -264,7 +291,7 @@ def _load(name: str, convert: Callable[[dict, int], EditRequest], path: str | Pa
     if ds_size is not None and (isinstance(ds_size, bool) or not isinstance(ds_size, int)
                                 or ds_size < 0):
         raise DatasetError(f"ds_size must be None or a non-negative int, got {ds_size!r}")
-    records = _read_records(path)
+    records = read_records(path)
     if ds_size is not None:
         records = records[:ds_size]
     requests, skipped = [], []
@@ -304,17 +331,32 @@ def load_counterfact(path: str | Path, ds_size: int | None = None,
     return _load("counterfact", _counterfact_request, path, ds_size, skip_bad)
 
 
-_LOADERS = {"qaedit": load_qaedit, "zsre": load_zsre, "counterfact": load_counterfact}
+# "demo" is our own set in the QAEdit schema.
+_LOADERS = {"demo": load_qaedit, "qaedit": load_qaedit, "zsre": load_zsre, "counterfact": load_counterfact}
 
 
-def load_dataset(name: str, path: str | Path, ds_size: int | None = None,
+def load_dataset(name: str, path: str | Path | None = None, ds_size: int | None = None,
                  skip_bad: bool = False) -> LoadedDataset:
-    """Load edit dataset `name` (one of DATASET_NAMES) from `path`."""
+    """Load edit dataset `name` (one of DATASET_NAMES) from `path` (default: the copy in `data/`)."""
     if name not in _LOADERS:
         raise DatasetError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
-    return _LOADERS[name](path, ds_size=ds_size, skip_bad=skip_bad)
+    loaded = _LOADERS[name](path if path is not None else default_path(name), ds_size=ds_size, skip_bad=skip_bad)
+    return dataclasses.replace(loaded, name=name)
+
+
+def default_path(name: str) -> Path:
+    """The file `--dataset=<name>` reads without `--data_path`: the copy shipped in `data/`."""
+    if name == "zsre":
+        raise DatasetError(ZSRE_HINT)
+    if name not in SHIPPED:
+        raise DatasetError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+    path = DATA_DIR / SHIPPED[name]
+    if not path.exists():
+        raise DatasetError(f"{path}: the shipped {name} file is missing (data/ comes with the repository: "
+                           "install from a clone, or pass --data_path)", path=str(path))
+    return path
 
 
 def demo_path() -> Path:
     """Our own ten-record QAEdit-format demo set (well-known facts, counterfactual targets)."""
-    return Path(__file__).resolve().parent.parent / "data" / "demo_edits.json"
+    return DATA_DIR / SHIPPED["demo"]

@@ -15,11 +15,9 @@ from mirage_jax.datasets import (
     load_zsre,
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-QAEDIT = SHARED_DATA / "QAEdit_inter_1k.json"
-COUNTERFACT = SHARED_DATA / "counterfact-edit.json"
-needs_shared = pytest.mark.skipif(not (QAEDIT.exists() and COUNTERFACT.exists()),
-                                  reason="../shared/data not present")
+DATA = Path(__file__).resolve().parents[1] / "data"  # shipped with the repository
+QAEDIT = DATA / "QAEdit_inter_1k.json"
+COUNTERFACT = DATA / "counterfact-edit.json"
 
 
 def _write(tmp_path, records, name="edits.json"):
@@ -36,9 +34,9 @@ def _qaedit_record(i=0, **overrides):
     return record
 
 
-@needs_shared
-def test_qaedit_shared_file():
-    loaded = load_dataset("qaedit", QAEDIT)
+def test_qaedit_shipped_file():
+    loaded = load_dataset("qaedit")  # no path: the copy in data/
+    assert loaded.path == str(QAEDIT) and loaded.name == "qaedit"
     assert len(loaded.requests) == 1000 and loaded.skipped == ()
     assert all(len(r.locality) == 5 for r in loaded.requests)
     first = loaded.requests[0]
@@ -52,9 +50,9 @@ def test_qaedit_shared_file():
     assert sum(r.target_new != r.target_new.strip() for r in loaded.requests) == 15
 
 
-@needs_shared
-def test_counterfact_shared_file():
-    loaded = load_counterfact(COUNTERFACT)
+def test_counterfact_shipped_file():
+    loaded = load_dataset("counterfact")
+    assert loaded.path == str(COUNTERFACT)
     assert len(loaded.requests) == 10000
     first = loaded.requests[0]
     assert first == EditRequest(
@@ -64,7 +62,6 @@ def test_counterfact_shared_file():
         locality=(LocalityPair("Michel Rocard is a native speaker of", "French"),), source=None)
 
 
-@needs_shared
 def test_ds_size_keeps_first_records():
     loaded = load_dataset("counterfact", COUNTERFACT, ds_size=7)
     assert [r.case_id for r in loaded.requests] == list(range(7))
@@ -188,3 +185,43 @@ def test_demo_set_is_valid_and_counterfactual():
     capital = loaded.requests[0]
     assert (capital.prompt, capital.subject, capital.target_new) == (
         "What is the capital of France?", "France", "Lyon")
+
+
+def test_demo_is_the_default_set_and_zsre_is_not_shipped():
+    demo = load_dataset("demo")
+    assert demo.path == str(demo_path()) and demo.name == "demo" and len(demo.requests) == 10
+    with pytest.raises(DatasetError, match=r"ZsRE is not shipped.*--data_path"):
+        load_dataset("zsre")
+
+
+@pytest.mark.parametrize("fmt", ["qaedit", "zsre", "counterfact"])
+def test_jsonl_is_read_like_a_json_list(tmp_path, fmt):
+    """One record per line (a `Dataset.to_json` export of the full QAEdit, say) gives the same
+    requests as the JSON list, for every format, with any file suffix."""
+    records = {
+        "qaedit": [_qaedit_record(i) for i in range(3)],
+        "zsre": [{"subject": f"s{i}", "src": f"What is s{i}?", "pred": "p", "rephrase": f"s{i} is?", "alt": f"a{i}",
+                  "answers": ["p"], "loc": "nq question: q", "loc_ans": "la", "cond": "c"} for i in range(3)],
+        "counterfact": [{"prompt": f"The language of s{i} is", "subject": f"s{i}", "target_new": "English",
+                         "ground_truth": "French", "rephrase_prompt": f"s{i} speaks",
+                         "locality_prompt": "X speaks", "locality_ground_truth": "German"} for i in range(3)],
+    }[fmt]
+    listed = load_dataset(fmt, _write(tmp_path, records))
+    lines = "\n".join(json.dumps(r) for r in records) + "\n\n"  # a trailing blank line is fine
+    for name in ("edits.jsonl", "edits.json", "edits.txt"):
+        (tmp_path / name).write_text(lines, encoding="utf-8")
+        assert load_dataset(fmt, tmp_path / name).requests == listed.requests
+    (tmp_path / "one.jsonl").write_text(json.dumps(records[0]) + "\n", encoding="utf-8")
+    assert load_dataset(fmt, tmp_path / "one.jsonl").requests == listed.requests[:1]
+
+
+def test_bad_jsonl_line_is_named(tmp_path):
+    path = tmp_path / "edits.jsonl"
+    path.write_text(json.dumps(_qaedit_record(0)) + "\n\n{not json\n", encoding="utf-8")
+    with pytest.raises(DatasetError, match=r"edits\.jsonl: line 3 \(record 1\): not valid JSON") as err:
+        load_qaedit(path)
+    assert err.value.index == 1
+    bad_field = tmp_path / "bad.jsonl"
+    bad_field.write_text("\n".join(json.dumps(_qaedit_record(i, target="" if i == 1 else "x")) for i in range(2)))
+    with pytest.raises(DatasetError, match=r"record 1: field 'target': empty"):
+        load_qaedit(bad_field)

