@@ -90,3 +90,5 @@ def test_every_cli_lists_the_shared_flags(command):
     text = out.stdout + out.stderr
     for flag in ("--model: 'default' (the embedded SmolLM2-135M-Instruct)", "--dtype", "--[no]allow_pickle"):
         assert flag in text, (command, text[-2000:])
+    # `python -m pkg.mod` warns when the package already imported the module it runs.
+    assert "RuntimeWarning" not in text, text[-2000:]

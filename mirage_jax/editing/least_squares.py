@@ -24,6 +24,7 @@ conditioned enough for float32 at d_ff <= 14336 in our checks).
 from __future__ import annotations
 
 import dataclasses
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -91,3 +92,16 @@ def covariance_factor(cov: jax.Array) -> CovarianceFactor:
     if bool(jnp.isfinite(chol).all()):
         return CovarianceFactor("cholesky", chol, c.shape)
     return CovarianceFactor("lu", jsl.lu_factor(c), c.shape)
+
+
+class KeyStatistics(Protocol):
+    """What the editors read from key statistics: device matrices derived from C = E[k kᵀ] [F, F]."""
+
+    def second_moment_device(self, layer: int) -> jax.Array:  # C (MEMIT's λC)
+        ...
+
+    def second_moment_factor(self, layer: int) -> CovarianceFactor:  # solves C x = b (ROME's C⁻¹ k*)
+        ...
+
+    def projector(self, layer: int, threshold: float) -> jax.Array:  # AlphaEdit's null-space P
+        ...

@@ -30,9 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mirage_jax.editing.common import check_layers, down_kernel, for_case, replace_down_kernels
-from mirage_jax.editing.least_squares import alphaedit_delta, memit_delta
+from mirage_jax.editing.least_squares import KeyStatistics, alphaedit_delta, memit_delta
 from mirage_jax.editing.locate import subject_span
-from mirage_jax.editing.stats import KeyStatistics, missing_stats_error
 from mirage_jax.editing.templates import templates_for
 from mirage_jax.editing.values import ValueSettings, build_problem, value_optimisation
 from mirage_jax.model.config import ModelConfig
@@ -90,6 +89,9 @@ def memit_edit(params: Any, cfg: ModelConfig, tokenizer: Any, requests: Sequence
     if hp.algorithm not in ALGORITHMS:
         raise ValueError(f"MEMIT: algorithm must be one of {ALGORITHMS}, got {hp.algorithm!r}")
     if stats is None:
+        # Imported here: `python -m mirage_jax.editing.stats` must not find itself imported by the package.
+        from mirage_jax.editing.stats import missing_stats_error
+
         raise missing_stats_error(getattr(tokenizer, "name_or_path", "model"), hp.layers)
     for r in requests:  # fail before any work, naming the record
         for_case(r, subject_span, r.prompt, r.subject)

@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mirage_jax.editing.common import check_layers, down_kernel, for_case, replace_down_kernels
+from mirage_jax.editing.least_squares import KeyStatistics
 from mirage_jax.editing.locate import subject_span
-from mirage_jax.editing.stats import KeyStatistics
 from mirage_jax.editing.templates import DEFAULT_LENGTH_PARAMS, templates_for
 from mirage_jax.editing.values import ValueSettings, build_problem, value_optimisation
 from mirage_jax.model.config import ModelConfig

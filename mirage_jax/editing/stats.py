@@ -41,7 +41,7 @@ import time
 import zipfile
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -78,19 +78,6 @@ class MissingStatsError(StatsError):
 
 
 # --- the statistic ----------------------------------------------------------------------------
-
-
-class KeyStatistics(Protocol):
-    """What the editors read from key statistics: device matrices derived from C = E[k kᵀ] [F, F]."""
-
-    def second_moment_device(self, layer: int) -> jax.Array:  # C (MEMIT's λC)
-        ...
-
-    def second_moment_factor(self, layer: int) -> CovarianceFactor:  # solves C x = b (ROME's C⁻¹ k*)
-        ...
-
-    def projector(self, layer: int, threshold: float) -> jax.Array:  # AlphaEdit's null-space P
-        ...
 
 
 class KeyStats:
