@@ -64,18 +64,19 @@ def llama7b_hf_config(vocab_size: int, num_layers: int | None = None) -> dict:
                 rope_theta=c["rope_theta"], tie_word_embeddings=False)
 
 
-def load_edit_subject(model: str, random_llama7b: bool, tokenizer: str | None, num_layers: int | None = None,
-                      dtype: str = "float32"):
-    """(cfg, params, tokenizer, name, hf_config) to edit: a loaded model, or a random
+def load_edit_subject(random_llama7b: bool, tokenizer: str | None, num_layers: int | None = None):
+    """(cfg, params, tokenizer, name, hf_config) to edit: the model the shared flags name
+    (`--model`, `--dtype`, `--allow_pickle`, see `mirage_jax.cli`), or a random
     Llama-2-7B-shaped one in bfloat16 (`num_layers` of them; all 32 by default) whose vocabulary
     is widened to the tokenizer's (every id has an embedding row)."""
     import jax
     import jax.numpy as jnp
 
-    from mirage_jax.model import ModelConfig, load_model
+    from mirage_jax.cli import load_model_from_flags
+    from mirage_jax.model import ModelConfig
 
     if not random_llama7b:
-        m = load_model(model, dtype=dtype)
+        m = load_model_from_flags()
         return m.cfg, m.params, m.tokenizer, m.name, m.hf_config
     tok = benchmark_tokenizer(tokenizer)
     layers = num_layers or LLAMA2_7B["num_layers"]

@@ -50,7 +50,7 @@ def requests(n: int):
 
 
 def load():
-    return load_edit_subject(FLAGS.model, FLAGS.random_llama7b, FLAGS.tokenizer, dtype=FLAGS.dtype)
+    return load_edit_subject(FLAGS.random_llama7b, FLAGS.tokenizer)
 
 
 def timed(fn):

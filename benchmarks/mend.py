@@ -77,14 +77,14 @@ def timings(first_step, steady_steps, edit, reqs, sync) -> dict:
 def time_ours(cfg, params, tok, hp, edits, loc, reqs):
     import jax
 
-    from mirage_jax.editing.mend import inner_kernels, mend_edit, resolve_editor
+    from mirage_jax.editing.mend import editor_net, inner_kernels, mend_edit, resolve_editor
     from mirage_jax.editing.mend_train import MENDTrainingData, train_editor
 
     def train(i, n):  # n steps on edits i..i+n-1, no validation: the bare training loop
         data = MENDTrainingData(tuple(edits[i: i + n]), tuple(loc[i: i + n]), val_edits=())
         return train_editor(params, cfg, tok, data, hp, n, progress=False)[0]
 
-    editor = resolve_editor(cfg, params, hp)  # once, as a run does (`EditMethod.prepare`)
+    editor = resolve_editor(editor_net(cfg, params, hp), hp)  # once, as a run does (`EditMethod.prepare`)
     edit = lambda r: inner_kernels(mend_edit(params, cfg, tok, [r], hp, editor)[0], hp.inner_params)  # noqa: E731
     return timings(lambda: train(0, 1), lambda: train(1, FLAGS.steps), edit, reqs, jax.block_until_ready)
 
@@ -119,8 +119,7 @@ def main(argv):
 
     from mirage_jax.datasets import EditRequest
 
-    cfg, params, tok, name, hf_config = load_edit_subject(FLAGS.model, FLAGS.random_llama7b, FLAGS.tokenizer,
-                                                          FLAGS.layers, dtype=FLAGS.dtype)
+    cfg, params, tok, name, hf_config = load_edit_subject(FLAGS.random_llama7b, FLAGS.tokenizer, FLAGS.layers)
     hp = hparams(name, cfg)
     edits, loc = pairs(FLAGS.steps + 1, 5000)
     reqs = [EditRequest(i, p, "", t, None, None, (), None) for i, (p, t) in enumerate(pairs(FLAGS.edits + 1, 0)[0])]

@@ -120,7 +120,7 @@ def apply_overrides(hp: Any, overrides: Sequence[str]) -> Any:
             raise HparamError(f"bad override {item!r}; expected key=value with key in: {', '.join(fields)}")
         try:
             changes[key] = _coerce(hints[key], raw.strip())
-        except (ValueError, json.JSONDecodeError) as err:
+        except ValueError as err:  # json.JSONDecodeError included
             raise HparamError(f"--hp {key}: {cls.__name__}.{key} is {_type_name(hints[key])}, "
                               f"got {raw!r} ({err})") from None
     return dataclasses.replace(hp, **changes)

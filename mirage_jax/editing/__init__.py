@@ -18,7 +18,7 @@ from typing import Any
 
 from mirage_jax.editing.ft import FTConfig, ft_edit
 from mirage_jax.editing.memit import MEMITConfig, memit_edit
-from mirage_jax.editing.mend import MENDConfig, mend_edit, resolve_editor
+from mirage_jax.editing.mend import MENDConfig, editor_net, mend_edit, resolve_editor
 from mirage_jax.editing.rome import ROMEConfig, rome_edit
 from mirage_jax.editing.templates import templates_for
 
@@ -52,7 +52,7 @@ def _mend(params, cfg, tokenizer, requests, hp: MENDConfig, stats=None, state=No
 
 
 def _mend_prepare(params, cfg, tokenizer, hp: MENDConfig) -> dict:
-    return {"editor": resolve_editor(cfg, params, hp)} if hp.archive else {}
+    return {"editor": resolve_editor(editor_net(cfg, params, hp), hp)} if hp.archive else {}
 
 
 def _templates(params, cfg, tokenizer, hp) -> dict:

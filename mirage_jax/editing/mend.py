@@ -265,10 +265,10 @@ def make_editor(cfg: ModelConfig, params: Any, hp: MENDConfig) -> tuple[MENDNet,
     return net, initial_variables(net, hp)
 
 
-def resolve_editor(cfg: ModelConfig, params: Any, hp: MENDConfig) -> dict:
-    """The variables `hp` names: the archive `hp.archive` (read once per run and passed to every
-    edit, see `EditMethod.prepare`), else the untrained identity editor."""
-    init = make_editor(cfg, params, hp)[1]
+def resolve_editor(net: MENDNet, hp: MENDConfig) -> dict:
+    """The variables `hp` names for `net` (`editor_net`): the archive `hp.archive` (read once per
+    run and passed to every edit, see `EditMethod.prepare`), else the untrained identity editor."""
+    init = initial_variables(net, hp)
     return load_editor(hp.archive, init) if hp.archive else init
 
 
@@ -329,7 +329,7 @@ def mend_edit(params: Any, cfg: ModelConfig, tokenizer: Any, requests: Sequence[
     _warn_low_precision(params, hp)
     trained = editor is not None or hp.archive is not None
     if editor is None:
-        editor = resolve_editor(cfg, params, hp)
+        editor = resolve_editor(net, hp)
     b = make_batch(tokenizer, [r.prompt for r in requests], [r.target_new for r in requests])
     kernels, loss = _edit(net, editor, params, cfg, hp, jnp.asarray(b.tokens), jnp.asarray(b.attn_mask),
                           jnp.asarray(b.target_mask))

@@ -663,7 +663,7 @@ def _accumulate(model, layers, corpus, n, max_len, batch_tokens, checkpoint_ever
                 count[layer] += chunk_tokens
                 if paths and c1 < n:
                     savez(_partial_path(paths[layer]), sum=acc[layer], count=np.int64(count[layer]),
-                                  docs_done=np.int64(c1), n_samples=np.int64(n))
+                          docs_done=np.int64(c1), n_samples=np.int64(n))
     bar.close()
     return {l: (acc[l], count[l]) for l in layers}
 

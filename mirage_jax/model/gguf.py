@@ -131,7 +131,7 @@ def open_gguf(path: str | pathlib.Path) -> gguf.GGUFReader:
         raise FileNotFoundError(f"GGUF file not found: {path}")
     try:
         return gguf.GGUFReader(str(path))
-    except Exception as exc:
+    except Exception as exc:  # any parse failure means "not a usable GGUF"
         reason = str(exc).splitlines()[0] if str(exc) else ""
         raise ValueError(
             f"{path}: not a valid or complete GGUF file ({type(exc).__name__}: {reason})"
