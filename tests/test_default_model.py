@@ -2,8 +2,9 @@
 
 `transformers` reads the same GGUF with its own reader, dequantizer and Q/K un-permute, so equal
 logits and equal greedy ids mean our whole path (GGUF -> pytree -> forward -> jitted generate)
-reproduces the HF ecosystem on the real model, not only on tiny random checkpoints. Both models
-are the session fixtures of conftest.py, loaded once for every test file that needs them.
+reproduces the HF ecosystem on the real model, not only on tiny random checkpoints. transformers'
+logits and greedy ids are golden entries (tests/golden.py, written with torch); the parity run
+recomputes them live (tests/test_golden.py). Our model is conftest.py's session fixture.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 import numpy as np
 import pytest
 
+import golden
 from mirage_jax import generate as gen
 from mirage_jax.model.gguf import default_gguf_path
 from mirage_jax.model.transformer import forward
@@ -23,10 +25,6 @@ try:
     default_gguf_path()
 except FileNotFoundError as exc:  # the default model is an optional install
     pytest.skip(str(exc), allow_module_level=True)
-
-torch = pytest.importorskip("torch")
-pytest.importorskip("accelerate")
-pytest.importorskip("transformers")
 
 MAX_NEW = 24
 PLAIN = [
@@ -47,12 +45,7 @@ def ours(default_model):
     return default_model  # float32
 
 
-@pytest.fixture(scope="module")
-def reference(default_reference):
-    return default_reference
-
-
-def _prompt_ids(tok) -> list[list[int]]:
+def prompt_ids(tok) -> list[list[int]]:
     """Plain prompts tokenised as users type them (SmolLM2 adds no BOS), then chat-templated ones
     whose template already carries every special token."""
     plain = [tok(p)["input_ids"] for p in PLAIN]
@@ -60,45 +53,14 @@ def _prompt_ids(tok) -> list[list[int]]:
     return plain + chat
 
 
-def _hf_logits(reference, ids, mask):
-    pos = np.maximum(np.cumsum(mask, -1) - 1, 0)
-    with torch.no_grad():
-        out = reference(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                        position_ids=torch.tensor(pos))
-    return out.logits.float().numpy()
-
-
-def _hf_greedy(reference, ids, eos_ids, max_new) -> list[int]:
-    """HF greedy continuation of one unpadded prompt, stopping on the same ids as ours."""
-    with torch.no_grad():
-        out = reference.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                 do_sample=False, max_new_tokens=max_new, eos_token_id=list(eos_ids),
-                                 pad_token_id=eos_ids[0])
-    return [int(t) for t in out[0, len(ids):]]
-
-
-@pytest.fixture(scope="module")
-def greedy(ours, reference):
-    """(prompt ids, our generations from one batched call, HF's greedy ids per prompt)."""
-    prompts = _prompt_ids(ours.tokenizer)
-    mine = gen.generate_ids(ours.params, ours.cfg, ours.tokenizer, prompts, max_new_tokens=MAX_NEW)
-    theirs = [_hf_greedy(reference, p, ours.cfg.eos_token_ids, MAX_NEW) for p in prompts]
-    return prompts, mine, theirs
-
-
-def test_logits_match_transformers_one_prompt_at_a_time(ours, reference):
-    tok = ours.tokenizer
+def single_prompt_ids(tok) -> list[list[int]]:
+    """The prompts of the one-at-a-time logits comparison: two plain, one chat-templated."""
     texts = [PLAIN[0], PLAIN[1], gen.chat_prompt(tok, QUESTIONS[0])]
-    for text, special in zip(texts, (True, True, False)):
-        ids = np.asarray([tok(text, add_special_tokens=special)["input_ids"]])
-        mask = np.ones_like(ids)
-        mine = np.asarray(forward(ours.params, ours.cfg, ids).logits)
-        theirs = _hf_logits(reference, ids, mask)
-        assert np.abs(mine - theirs).max() <= 1e-3, text
+    return [tok(text, add_special_tokens=special)["input_ids"] for text, special in zip(texts, (True, True, False))]
 
 
-def test_logits_match_transformers_left_padded_batch(ours, reference):
-    tok = ours.tokenizer
+def padded_batch(tok) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, mask): three plain prompts and a chat prompt, left-padded to one width."""
     rows = [tok(p)["input_ids"] for p in PLAIN[:3]]
     rows.append(tok(gen.chat_prompt(tok, QUESTIONS[1]), add_special_tokens=False)["input_ids"])
     width = max(len(r) for r in rows)
@@ -107,21 +69,44 @@ def test_logits_match_transformers_left_padded_batch(ours, reference):
     for i, r in enumerate(rows):
         ids[i, width - len(r):] = r
         mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def greedy(ours):
+    """(prompt ids, our generations from one batched call, HF's greedy ids per prompt (golden))."""
+    prompts = prompt_ids(ours.tokenizer)
+    golden.check_equal("default", "greedy.prompts", prompts)
+    mine = gen.generate_ids(ours.params, ours.cfg, ours.tokenizer, prompts, max_new_tokens=MAX_NEW)
+    return prompts, mine, golden.value("default", "greedy.ids")
+
+
+def test_logits_match_transformers_one_prompt_at_a_time(ours):
+    """At every position the reference's top-32 logits and 32 fixed random ones (golden), and the whole
+    vocabulary at the last position."""
+    for i, ids in enumerate(single_prompt_ids(ours.tokenizer)):
+        golden.check_equal("default", f"single.{i}.ids", ids)
+        mine = np.asarray(forward(ours.params, ours.cfg, np.asarray([ids])).logits)[0]
+        golden.check_compact("default", f"single.{i}", mine, 1e-3)
+        golden.check_close("default", f"single.{i}.last", mine[-1], 1e-3)
+
+
+def test_logits_match_transformers_left_padded_batch(ours):
+    ids, mask = padded_batch(ours.tokenizer)
+    golden.check_equal("default", "padded.ids", ids.tolist())
     assert (mask == 0).any(axis=1).sum() >= 3  # really padded
     mine = np.asarray(forward(ours.params, ours.cfg, ids, attn_mask=mask).logits)
-    theirs = _hf_logits(reference, ids, mask)
     real = mask.astype(bool)
-    assert np.abs(mine[real] - theirs[real]).max() <= 1e-3
+    golden.check_compact("default", "padded", mine, 1e-3, where=real)
     # Padding changes nothing for a row: its real positions equal the unpadded forward.
-    alone = np.asarray(forward(ours.params, ours.cfg, np.asarray([rows[0]])).logits)[0]
+    alone = np.asarray(forward(ours.params, ours.cfg, ids[:1, real[0]]).logits)[0]
     assert np.abs(mine[0][real[0]] - alone).max() <= 1e-4
 
 
 def test_batched_greedy_ids_equal_hf_generate(greedy):
-    prompts, mine, theirs = greedy
+    prompts, mine, _ = greedy
     assert len(prompts) >= 4
-    for p, g, ref_ids in zip(prompts, mine, theirs):
-        assert list(g.ids) == ref_ids, (len(p), g.text)
+    golden.check_equal("default", "greedy.ids", [[int(t) for t in g.ids] for g in mine])
     assert any(g.stopped_by == "eos" for g in mine)  # a chat answer ends with <|im_end|>
     assert any(g.stopped_by == "length" and len(g.ids) == MAX_NEW for g in mine)
 

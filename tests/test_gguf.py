@@ -2,7 +2,9 @@
 
 transformers (torch CPU) is the independent reference: it has its own GGUF reader, dequantizer,
 Q/K un-permute and tokenizer builder, so agreement means our numpy path reads the file the way the
-HF ecosystem does. The reference model is conftest.py's session fixture (loaded once per run).
+HF ecosystem does. Reading a GGUF needs torch in transformers, so what it builds (tokenizer ids and
+special tokens, config, a sha256 of every dequantized tensor) is a golden entry (tests/golden.py);
+the parity run recomputes it live (tests/test_golden.py).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import pathlib
 import numpy as np
 import pytest
 
+import golden
 from mirage_jax.model import gguf as mg
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -44,18 +47,10 @@ def ckpt(gguf_path) -> mg.GGUFCheckpoint:
     return mg.read_gguf(gguf_path)
 
 
-@pytest.fixture(scope="module")
-def hf_tokenizer(gguf_path):
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True
-    )
-
-
-@pytest.fixture(scope="module")
-def hf_model(default_reference):
-    """The reference LlamaForCausalLM (float32, CPU), shared with the other default-model tests."""
-    return default_reference
+# The config fields compared with transformers' LlamaConfig (besides model_type, rms_norm_eps, rope_theta).
+CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "max_position_embeddings", "tie_word_embeddings", "bos_token_id",
+               "eos_token_id", "pad_token_id", "attention_bias", "mlp_bias", "hidden_act")
 
 
 def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -87,24 +82,26 @@ def test_default_path_missing_package_says_how_to_install(monkeypatch):
 # --- tokenizer parity ----------------------------------------------------------------------------
 
 
-def test_tokenizer_ids_match_transformers(ckpt, hf_tokenizer):
+def test_tokenizer_ids_match_transformers(ckpt):
     ours = ckpt.tokenizer
-    templated = hf_tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
+    templated = golden.value("default", "gguf.templated")
     assert ours.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False) == templated
-    for text in [*TEXTS, templated]:
+    rows = golden.value("default", "gguf.texts")  # [text, transformers' ids, transformers' decode]
+    assert [text for text, _, _ in rows] == [*TEXTS, templated], f"inputs changed: {golden.REGENERATE}"
+    for text, hf_ids, hf_decoded in rows:
         ids = ours(text)["input_ids"]
-        assert ids == hf_tokenizer(text)["input_ids"], repr(text)
+        assert ids == hf_ids, repr(text)
         assert ours.decode(ids) == text, repr(text)
-        assert hf_tokenizer.decode(ids) == text, repr(text)
+        assert hf_decoded == text, repr(text)
 
 
-def test_tokenizer_special_tokens_match_transformers(ckpt, hf_tokenizer):
+def test_tokenizer_special_tokens_match_transformers(ckpt):
     ours = ckpt.tokenizer
-    assert len(ours) == len(hf_tokenizer) == ckpt.hf_config["vocab_size"]
-    for attr in ("bos_token", "eos_token", "pad_token", "unk_token"):
-        assert getattr(ours, attr) == getattr(hf_tokenizer, attr), attr
-        assert getattr(ours, attr + "_id") == getattr(hf_tokenizer, attr + "_id"), attr
-    assert set(ours.all_special_tokens) == set(hf_tokenizer.all_special_tokens)
+    assert len(ours) == golden.value("default", "gguf.len") == ckpt.hf_config["vocab_size"]
+    for attr, (token, token_id) in golden.value("default", "gguf.special").items():
+        assert getattr(ours, attr) == token, attr
+        assert getattr(ours, attr + "_id") == token_id, attr
+    assert sorted(set(ours.all_special_tokens)) == golden.value("default", "gguf.all_special_tokens")
     # SmolLM2's file says add_bos_token=False: no BOS prepended, the template writes <|im_start|>.
     assert ours("Paris")["input_ids"][0] != ours.bos_token_id
     # Control tokens are matched whole, not cut into byte pieces.
@@ -117,48 +114,32 @@ def test_tokenizer_special_tokens_match_transformers(ckpt, hf_tokenizer):
 # --- weights and config parity -------------------------------------------------------------------
 
 
-def test_tensors_match_transformers_state_dict(ckpt, hf_model):
-    reference = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
+def test_tensors_match_transformers_state_dict(ckpt):
+    """Every tensor bit-identical to transformers' (golden sha256 of its float32 state dict)."""
+    reference = golden.value("default", "gguf.tensors")
     tied = ckpt.hf_config["tie_word_embeddings"]
-    expected_names = set(reference) - ({"lm_head.weight"} if tied else set())
-    assert set(ckpt.tensors) == expected_names
+    assert tied == golden.value("default", "gguf.tied")
+    assert set(ckpt.tensors) == set(reference) - ({"lm_head.weight"} if tied else set())
     assert not isinstance(ckpt.tensors, dict)  # lazy: dequantized on access
     for name in ckpt.tensors:
         ours = ckpt.tensors[name]
         assert ours.dtype == np.float32, name
-        assert ours.shape == reference[name].shape == ckpt.tensors.shape(name), name
-        np.testing.assert_allclose(ours, reference[name], rtol=0, atol=1e-6, err_msg=name)
-    if tied:
-        np.testing.assert_array_equal(reference["lm_head.weight"], reference["model.embed_tokens.weight"])
+        assert ours.shape == ckpt.tensors.shape(name), name
+        golden.check_default_tensor(name, ours)
+    if tied:  # transformers' head is the embedding itself
+        assert reference["lm_head.weight"] == reference["model.embed_tokens.weight"]
 
 
-def test_config_matches_transformers(ckpt, hf_model):
-    ref = hf_model.config
+def test_config_matches_transformers(ckpt):
+    ref = golden.value("default", "gguf.config")
     ours = ckpt.hf_config
-    assert ours["model_type"] == ref.model_type == "llama"
-    for key in (
-        "vocab_size",
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "head_dim",
-        "max_position_embeddings",
-        "tie_word_embeddings",
-        "bos_token_id",
-        "eos_token_id",
-        "pad_token_id",
-        "attention_bias",
-        "mlp_bias",
-        "hidden_act",
-    ):
-        assert ours[key] == getattr(ref, key), key
+    assert ours["model_type"] == ref["model_type"] == "llama"
+    for key in CONFIG_KEYS:
+        assert ours[key] == ref[key], key
     # transformers keeps the float32 noise (9.99999975e-06); we recover the written decimal (1e-05).
-    assert math.isclose(ours["rms_norm_eps"], ref.rms_norm_eps, rel_tol=1e-6)
-    ref_theta = (getattr(ref, "rope_parameters", None) or {}).get("rope_theta", getattr(ref, "rope_theta", None))
-    assert math.isclose(ours["rope_theta"], ref_theta, rel_tol=1e-6)
-    assert hf_model.num_parameters() == 134_515_008
+    assert math.isclose(ours["rms_norm_eps"], ref["rms_norm_eps"], rel_tol=1e-6)
+    assert math.isclose(ours["rope_theta"], ref["rope_theta"], rel_tol=1e-6)
+    assert golden.value("default", "gguf.num_parameters") == 134_515_008
 
 
 # --- bad input -----------------------------------------------------------------------------------

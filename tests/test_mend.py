@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import golden
 from configs import get_hparams
 from mirage_jax import datasets
 from mirage_jax.editing import METHODS, mend
@@ -54,7 +55,7 @@ HP = MENDConfig(inner_params=INNER, rank=16, edit_lr=1e-2)
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return load_model(save_tiny("llama", tmp_path_factory.mktemp("mend"), seed=7))
+    return load_model(golden.save_tiny("mend.llama", tmp_path_factory.mktemp("mend")))  # save_tiny llama, seed 7
 
 
 def _batch(tiny, prompts=PROMPTS, targets=TARGETS):
@@ -318,24 +319,36 @@ def test_low_precision_kernels_warn_once(tiny, caplog):
     assert len(caplog.records) == 1 and "bfloat16" in caplog.records[0].getMessage()
 
 
-def test_benchmark_baseline_agrees_with_ours(tiny):
-    """The PyTorch baseline of benchmarks/mend.py (hooks for x and δ, as the seed) and ours give
-    the same untrained-editor edit on the same weights: two independent routes to one update."""
+def torch_mend_edit(path: Path) -> dict[str, np.ndarray]:
+    """The untrained-editor edit of benchmarks/torch_mend.py (PyTorch, hooks for x and δ as the seed) on the
+    checkpoint at `path`: {"mend.<HF weight name>": edited weight}. Golden entries (tests/golden.py)."""
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import torch_mend as tm
     from common import torch_twin
 
-    model = tm.prepare(torch_twin(tiny.cfg, tiny.params, tiny.hf_config), INNER)
-    batch = [torch.from_numpy(np.array(a)) for a in _batches(tiny.tokenizer, [PROMPTS[0]], [TARGETS[0]])]
+    m = load_model(path)
+    model = tm.prepare(torch_twin(m.cfg, m.params, m.hf_config), INNER)
+    batch = [torch.from_numpy(np.array(a)) for a in _batches(m.tokenizer, [PROMPTS[0]], [TARGETS[0]])]
     batch = (batch[0].long(), batch[1].long(), batch[2])
     theirs = tm.edit(model, tm.TorchMEND(model, INNER, HP.rank, HP.n_hidden, HP.edit_lr), batch)
+    return {f"mend.{name}": theirs[name].numpy() for name in tm.weight_names(INNER)}
+
+
+def test_benchmark_baseline_agrees_with_ours(tiny):
+    """The PyTorch baseline of benchmarks/mend.py (golden entries of `torch_mend_edit`) and ours give the same
+    untrained-editor edit on the same weights: two independent routes to one update."""
     reqs = [SimpleNamespace(prompt=PROMPTS[0], target_new=TARGETS[0])]
     ours = inner_kernels(mend_edit(tiny.params, tiny.cfg, tiny.tokenizer, reqs, HP)[0], INNER)
-    for k, name in zip(INNER, tm.weight_names(INNER)):
+    names = sorted(k.removeprefix("mend.") for k in golden.load("tiny")[0] if k.startswith("mend."))
+    assert len(names) == len(INNER)
+    for k in INNER:
         assert float(jnp.abs(ours[k] - tiny.params["layers"][k[0]]["mlp"][k[1]]["kernel"]).max()) > 0
-        np.testing.assert_allclose(np.asarray(ours[k]).T, theirs[name].numpy(), rtol=1e-5, atol=1e-6)
+        [name] = [n for n in names if n.startswith(f"model.layers.{k[0]}.mlp.{k[1]}_proj.")]
+        want = golden.array("tiny", f"mend.{name}")
+        # rtol 1e-5 plus atol 1e-6 over the entries, as np.testing.assert_allclose did against the live baseline
+        golden.check_close("tiny", f"mend.{name}", np.asarray(ours[k]).T, 1e-6 + 1e-5 * float(np.abs(want).max()))
 
 
 def test_archive_of_another_config_is_a_clear_error(tiny, tmp_path):

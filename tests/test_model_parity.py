@@ -1,19 +1,20 @@
 """Our forward equals `transformers` (PyTorch, CPU) on tiny random checkpoints of every family, in
 float32 and in bfloat16, and with the position features the six families leave off (a Mistral
-sliding window shorter than the sequence, linear RoPE scaling)."""
+sliding window shorter than the sequence, linear RoPE scaling).
+
+transformers' logits and greedy ids are golden entries (tests/golden.py: written with torch, read here
+without it); the parity run recomputes them live (tests/test_golden.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+import golden
 from mirage_jax import generate as gen
 from mirage_jax.model.checkpoint import load_hf_checkpoint
 from mirage_jax.model.transformer import forward, init_cache
-from tiny import FAMILIES, context_override, save_tiny, tiny_tokenizer
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from tiny import FAMILIES, tiny_tokenizer
 
 # name -> (family, hf_tiny_config overrides). Built with attn_gain=5 (see `save_tiny`): attention
 # is sharp, so ignoring the window or the factor moves logits by ~0.2-0.5 (measured), 1000x the
@@ -22,6 +23,7 @@ VARIANTS = {
     "mistral-window4": ("mistral", {"sliding_window": 4}),
     "llama-linear4": ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 4.0}}),
 }
+VARIANT_NEW = 16  # new tokens of the greedy comparison
 
 # bfloat16: max |our logits - transformers' logits|, both in bf16, measured in the test below on
 # the `far_along` checkpoints of seeds 0-2: llama 0.0049, llama3 0.0039, mistral 0.0049, qwen2
@@ -32,56 +34,62 @@ BF16_TOL = 0.01
 FAR = 2048  # context of the bf16 checkpoints; the test runs at its end, where angle errors are largest
 
 
-def _build(name: str, tmp_path_factory, dtype=torch.float32, **context):
-    """(name, transformers model, our cfg, our params) of a family or a variant, in `dtype`."""
-    family, overrides = VARIANTS.get(name, (name, {}))
-    gain = 5.0 if name in VARIANTS or dtype == torch.bfloat16 else 1.0
-    path = save_tiny(family, tmp_path_factory.mktemp(name), attn_gain=gain, **overrides, **context)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
-    cfg, params, _ = load_hf_checkpoint(path, dtype=str(dtype).removeprefix("torch."))
-    return name, ref, cfg, params
+def left_padded_batch() -> tuple[np.ndarray, np.ndarray]:
+    """(ids, mask) of the float32 logits comparison: 3 rows of 11, two of them left-padded."""
+    ids = np.random.default_rng(0).integers(0, 128, size=(3, 11))
+    mask = np.ones_like(ids)
+    mask[1, :4] = 0
+    mask[2, :7] = 0
+    return ids, mask
+
+
+def variant_prompts() -> list[list[int]]:
+    rng = np.random.default_rng(2)
+    return [[int(t) for t in rng.integers(2, 128, size=n)] for n in (3, 9, 17, 5)]
+
+
+def far_batch() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, mask, positions): a left-padded bf16 batch at positions ~2040."""
+    t = 16
+    ids = np.random.default_rng(3).integers(0, 128, size=(3, t))
+    mask = np.ones_like(ids)
+    mask[1, :4] = 0
+    mask[2, :9] = 0
+    return ids, mask, np.maximum(np.cumsum(mask, -1) - 1, 0) + FAR - t
+
+
+def _build(key: str, tmp_path_factory, dtype: str = "float32"):
+    """(name, our cfg, our params) of golden checkpoint `key` (golden.tiny_specs), in `dtype`."""
+    path = golden.save_tiny(key, tmp_path_factory.mktemp(key))
+    cfg, params, _ = load_hf_checkpoint(path, dtype=dtype)
+    return key.split(".", 1)[1], cfg, params
 
 
 @pytest.fixture(scope="module", params=FAMILIES + tuple(VARIANTS))
 def tiny(request, tmp_path_factory):
-    return _build(request.param, tmp_path_factory)
+    return _build(f"parity.{request.param}", tmp_path_factory)
 
 
 @pytest.fixture(scope="module", params=tuple(VARIANTS))
 def variant(request, tmp_path_factory):
-    return _build(request.param, tmp_path_factory)
+    return _build(f"parity.{request.param}", tmp_path_factory)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def far_along(request, tmp_path_factory):
-    """bf16 checkpoints (ours and transformers') with sharp attention and a 2048-token context."""
-    family = request.param
-    return _build(family, tmp_path_factory, torch.bfloat16, **context_override(family, FAR))
-
-
-def _hf_logits(ref, ids, mask, pos=None):
-    with torch.no_grad():
-        pos = np.maximum(np.cumsum(mask, -1) - 1, 0) if pos is None else pos
-        out = ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                  position_ids=torch.tensor(pos))
-    return out.logits.float().numpy()
+    """bf16 checkpoints with sharp attention and a 2048-token context."""
+    return _build(f"far.{request.param}", tmp_path_factory, "bfloat16")
 
 
 def test_logits_match_left_padded_batch(tiny):
-    _, ref, cfg, params = tiny
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, cfg.vocab_size, size=(3, 11))
-    mask = np.ones_like(ids)
-    mask[1, :4] = 0  # left padding
-    mask[2, :7] = 0
+    name, cfg, params = tiny
+    ids, mask = left_padded_batch()
     ours = np.asarray(forward(params, cfg, ids, attn_mask=mask).logits)
-    theirs = _hf_logits(ref, ids, mask)
-    real = mask.astype(bool)
-    assert np.abs(ours[real] - theirs[real]).max() <= 1e-4
+    golden.check_close("tiny", f"parity.{name}.logits", ours, 1e-4, where=mask.astype(bool))
 
 
 def test_kv_cache_decoding_matches_full_forward(tiny):
-    _, _, cfg, params = tiny
+    _, cfg, params = tiny
     rng = np.random.default_rng(1)
     ids = rng.integers(0, cfg.vocab_size, size=(2, 12))
     mask = np.ones_like(ids)
@@ -110,21 +118,17 @@ def test_variant_is_in_force_and_greedy_decoding_matches_hf_generate(variant):
     prompts and continuations run well past the window. Planted bugs this catches (seen failing,
     as does the left-padded logits test): the sliding window ignored in the attention mask, the
     linear RoPE factor ignored in `rope_inv_freq`."""
-    name, ref, cfg, params = variant
+    name, cfg, params = variant
     _, overrides = VARIANTS[name]
     assert cfg.sliding_window == overrides.get("sliding_window")
     scaling = overrides.get("rope_scaling")
     got = None if cfg.rope_scaling is None else (cfg.rope_scaling.rope_type, cfg.rope_scaling.factor)
     assert got == (None if scaling is None else (scaling["rope_type"], scaling["factor"]))
     cfg = cfg.replace(eos_token_ids=(1,))
-    rng = np.random.default_rng(2)
-    prompts = [list(rng.integers(2, cfg.vocab_size, size=n)) for n in (3, 9, 17, 5)]
-    ours = gen.generate_ids(params, cfg, tiny_tokenizer(cfg.vocab_size), prompts, max_new_tokens=16, batch_size=4)
-    for p, g in zip(prompts, ours):
-        with torch.no_grad():
-            out = ref.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                               max_new_tokens=16, do_sample=False, eos_token_id=1, pad_token_id=0)
-        assert list(g.ids) == [int(t) for t in out[0, len(p):]]
+    prompts = variant_prompts()
+    ours = gen.generate_ids(params, cfg, tiny_tokenizer(cfg.vocab_size), prompts, max_new_tokens=VARIANT_NEW,
+                            batch_size=4)
+    golden.check_equal("tiny", f"parity.{name}.greedy", [[int(t) for t in g.ids] for g in ours])
     assert any(len(g.ids) >= 8 for g in ours)  # decoding itself ran past the window
 
 
@@ -133,14 +137,7 @@ def test_bfloat16_logits_match_transformers_far_along_the_sequence(far_along):
     catches (seen failing in every RoPE family while the float32 tests pass): `_rope` computing
     the angles position * inv_freq in bf16 (x.dtype) instead of float32, an error of up to ~2 rad
     per angle here."""
-    _, ref, cfg, params = far_along
-    t = 16
-    ids = np.random.default_rng(3).integers(0, cfg.vocab_size, size=(3, t))
-    mask = np.ones_like(ids)
-    mask[1, :4] = 0
-    mask[2, :9] = 0
-    pos = np.maximum(np.cumsum(mask, -1) - 1, 0) + FAR - t
+    name, cfg, params = far_along
+    ids, mask, pos = far_batch()
     ours = np.asarray(forward(params, cfg, ids, attn_mask=mask, positions=pos).logits)
-    theirs = _hf_logits(ref, ids, mask, pos)
-    real = mask.astype(bool)
-    assert np.abs(ours[real] - theirs[real]).max() <= BF16_TOL
+    golden.check_close("tiny", f"far.{name}.logits", ours, BF16_TOL, where=mask.astype(bool))

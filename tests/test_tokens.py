@@ -2,8 +2,8 @@
 real byte-level BPE tokenizer (SmolLM2), where a leading space is part of a word's token.
 
 The expectations are built without `tokens.py`: the prompt tokenised alone, prompt + " " + target
-tokenised whole, and (for the metric) one unpadded `transformers` forward per request; the token
-tables in the comments are the hand-checked values.
+tokenised whole, and (for the metric) one unpadded `transformers` forward per request (its argmax is a
+golden entry, tests/golden.py); the token tables in the comments are the hand-checked values.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import golden
 from mirage_jax.evaluation.synthetic import locality_agreement, token_accuracy
 from mirage_jax.tokens import EditInputError, make_batch, split_prompt_target
 
@@ -49,7 +50,7 @@ def tok(default_model):
     return default_model.tokenizer
 
 
-def _independent_split(tok, prompt: str, target: str, special: bool = True) -> tuple[list[int], int]:
+def independent_split(tok, prompt: str, target: str, special: bool = True) -> tuple[list[int], int]:
     """(ids of prompt + " " + target, number of prompt tokens), from two plain tokenizer calls."""
     full = tok(prompt + " " + target.strip(), add_special_tokens=special)["input_ids"]
     alone = tok(prompt, add_special_tokens=special)["input_ids"]
@@ -60,7 +61,7 @@ def _independent_split(tok, prompt: str, target: str, special: bool = True) -> t
 @pytest.mark.parametrize("prompt, target, expected", SPLITS)
 def test_target_is_tokenised_in_context(tok, prompt, target, expected):
     ids, n_prompt = split_prompt_target(tok, prompt, target)
-    assert (ids, n_prompt) == _independent_split(tok, prompt, target)
+    assert (ids, n_prompt) == independent_split(tok, prompt, target)
     assert tok.convert_ids_to_tokens(ids[n_prompt:]) == expected
     assert tok.decode(ids[n_prompt:]) == " " + target.strip()
 
@@ -71,7 +72,7 @@ def test_target_after_a_chat_template(tok):
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                      add_generation_prompt=True, tokenize=False)
     ids, n_prompt = split_prompt_target(tok, prompt, "Paris", add_special_tokens=False)
-    assert (ids, n_prompt) == _independent_split(tok, prompt, "Paris", special=False)
+    assert (ids, n_prompt) == independent_split(tok, prompt, "Paris", special=False)
     assert tok.convert_ids_to_tokens(ids[n_prompt - 1:]) == ["Ċ", "ĠParis"]
 
 
@@ -91,7 +92,7 @@ def test_batch_is_left_padded_with_the_mask_exactly_on_the_target(tok):
     assert np.flatnonzero(b.target_mask[0]).tolist() == [15] and b.prompt_last[0] == 14
     assert b.attn_mask[0].tolist() == [0] * 10 + [1] * 6
     for r, (prompt, target) in enumerate(zip(prompts, targets)):
-        full, n_prompt = _independent_split(tok, prompt, target)
+        full, n_prompt = independent_split(tok, prompt, target)
         off = 16 - len(full)
         assert b.tokens[r, off:].tolist() == full
         assert (b.tokens[r, :off] == tok.pad_token_id).all()
@@ -101,20 +102,20 @@ def test_batch_is_left_padded_with_the_mask_exactly_on_the_target(tok):
     assert not b.target_mask[3].any()  # the filler row has no target
 
 
-def test_token_accuracy_is_teacher_forced_target_accuracy(default_model, default_reference):
+def test_token_accuracy_is_teacher_forced_target_accuracy(default_model):
     """Left-padded batches of 3 (so rows of different lengths share a batch) against the table
-    above, which one unpadded transformers forward per request reproduces. Planted bugs this
-    catches (seen failing): the target mask starting one token early; the prediction for target
-    token t read at t instead of t - 1."""
-    torch = pytest.importorskip("torch")
+    above, which one unpadded transformers forward per request reproduces (its argmax per position
+    is golden). Planted bugs this catches (seen failing): the target mask starting one token early;
+    the prediction for target token t read at t instead of t - 1."""
     tok = default_model.tokenizer
     prompts, targets, expected = (list(col) for col in zip(*ACCURACY))
+    reference = golden.value("default", "tokens.argmax")  # [full ids, transformers' argmax at each position]
+    assert len(reference) == len(ACCURACY), f"ACCURACY changed: {golden.REGENERATE}"
     by_reference = []
-    for prompt, target in zip(prompts, targets):
-        full, n_prompt = _independent_split(tok, prompt, target)
-        with torch.no_grad():
-            logits = default_reference(torch.tensor([full])).logits[0].numpy()
-        predictions = logits[n_prompt - 1 : len(full) - 1].argmax(-1)  # position i predicts token i + 1
+    for prompt, target, (ref_ids, argmax) in zip(prompts, targets, reference):
+        full, n_prompt = independent_split(tok, prompt, target)
+        assert full == ref_ids, (prompt, target, f"golden inputs differ: {golden.REGENERATE}")
+        predictions = np.asarray(argmax[n_prompt - 1 : len(full) - 1])  # position i predicts token i + 1
         by_reference.append(float(np.mean(predictions == np.asarray(full[n_prompt:]))))
     assert by_reference == pytest.approx(expected, abs=1e-12)
     got = token_accuracy(default_model.params, default_model.cfg, tok, prompts, targets, batch_size=3)

@@ -44,27 +44,99 @@ def context_override(family: str, n_positions: int) -> dict:
 FAMILIES = ("llama", "llama3", "mistral", "qwen2", "gpt2", "gptj")
 
 
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "gpt2": "GPT2LMHeadModel", "gptj": "GPTJForCausalLM"}
+
+
+def hf_tensor_shapes(cfg) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every tensor `save_pretrained` writes for the HF config `cfg`, in a fixed order.
+
+    Written out per family from transformers' module definitions (not from our exporter, so a wrong name
+    on our side cannot hide behind the same wrong name here); the parity run checks the list against
+    `AutoModelForCausalLM.from_config(cfg).state_dict()` (tests/test_golden.py).
+    """
+    t = cfg.model_type
+    if t in ("llama", "mistral", "qwen2"):
+        d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+        hd = getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads
+        q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+        qkv_bias = t == "qwen2" or getattr(cfg, "attention_bias", False)
+        out = [("model.embed_tokens.weight", (v, d))]
+        for i in range(cfg.num_hidden_layers):
+            L = f"model.layers.{i}."
+            for proj, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+                out.append((f"{L}self_attn.{proj}.weight", (rows, d)))
+                if qkv_bias:
+                    out.append((f"{L}self_attn.{proj}.bias", (rows,)))
+            out.append((f"{L}self_attn.o_proj.weight", (d, q)))
+            out += [(f"{L}mlp.gate_proj.weight", (f, d)), (f"{L}mlp.up_proj.weight", (f, d)),
+                    (f"{L}mlp.down_proj.weight", (d, f)),
+                    (f"{L}input_layernorm.weight", (d,)), (f"{L}post_attention_layernorm.weight", (d,))]
+        out.append(("model.norm.weight", (d,)))
+        if not cfg.tie_word_embeddings:
+            out.append(("lm_head.weight", (v, d)))
+        return out
+    d, v = cfg.n_embd, cfg.vocab_size
+    inner = cfg.n_inner or 4 * d
+    ln = lambda n: [(f"{n}.weight", (d,)), (f"{n}.bias", (d,))]  # noqa: E731
+    out = [("transformer.wte.weight", (v, d))]
+    if t == "gpt2":  # Conv1D: weights are [in, out]
+        out.append(("transformer.wpe.weight", (cfg.n_positions, d)))
+        for i in range(cfg.n_layer):
+            L = f"transformer.h.{i}."
+            out += ln(L + "ln_1") + [(L + "attn.c_attn.weight", (d, 3 * d)), (L + "attn.c_attn.bias", (3 * d,)),
+                                     (L + "attn.c_proj.weight", (d, d)), (L + "attn.c_proj.bias", (d,))]
+            out += ln(L + "ln_2") + [(L + "mlp.c_fc.weight", (d, inner)), (L + "mlp.c_fc.bias", (inner,)),
+                                     (L + "mlp.c_proj.weight", (inner, d)), (L + "mlp.c_proj.bias", (d,))]
+    elif t == "gptj":  # nn.Linear: [out, in]; one LayerNorm per block (attention and MLP in parallel)
+        for i in range(cfg.n_layer):
+            L = f"transformer.h.{i}."
+            out += ln(L + "ln_1") + [(f"{L}attn.{p}.weight", (d, d)) for p in ("q_proj", "k_proj", "v_proj")]
+            out.append((L + "attn.out_proj.weight", (d, d)))
+            out += [(L + "mlp.fc_in.weight", (inner, d)), (L + "mlp.fc_in.bias", (inner,)),
+                    (L + "mlp.fc_out.weight", (d, inner)), (L + "mlp.fc_out.bias", (d,))]
+    else:
+        raise ValueError(t)
+    out += ln("transformer.ln_f")
+    if not cfg.tie_word_embeddings:
+        out.append(("lm_head.weight", (v, d)))
+        if t == "gptj":
+            out.append(("lm_head.bias", (v,)))
+    return out
+
+
 def save_tiny(family: str, out: Path, seed: int = 0, attn_gain: float = 1.0, **overrides) -> Path:
-    """Random-init HF model of `family` saved under `out` (safetensors). Returns the directory.
+    """Random-init HF model of `family` saved under `out` (safetensors, config, tokenizer). Returns the directory.
+
+    Written with numpy alone (no torch), so the test command needs no PyTorch and every machine gets
+    the same numbers (`np.random.default_rng(seed)`): the golden files of tests/golden/ hold what
+    transformers computes on exactly these checkpoints. The init follows HF's (weights ~0.02·N), with
+    non-trivial norm weights (1 + 0.1·N) and biases (0.1·N) so that their conversion is exercised.
 
     `attn_gain` multiplies every attention weight. At the default init (std 0.02) attention is
     nearly uniform and adds little to the residual, so what positions do (RoPE, sliding window)
     barely reaches the logits; a gain of ~5 makes attention sharp and dominant, so a position bug
     shows far above bfloat16 rounding. `overrides` go to `hf_tiny_config`.
     """
-    import torch
-    import transformers as tf
+    import numpy as np
+    from safetensors.numpy import save_file
 
-    torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(hf_tiny_config(family, **overrides))
-    with torch.no_grad():  # non-trivial norm weights/biases so their conversion is exercised
-        for name, p in model.named_parameters():
-            if "norm" in name or "ln_" in name or name.endswith("bias"):
-                p.add_(0.1 * torch.randn_like(p))
-            if ".attn." in name or ".self_attn." in name:
-                p.mul_(attn_gain)
-    model.eval()
-    model.save_pretrained(str(out), safe_serialization=True)
+    cfg = hf_tiny_config(family, **overrides)
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, shape in hf_tensor_shapes(cfg):
+        norm, bias = "norm" in name or "ln_" in name, name.endswith(".bias")
+        a = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.1 if norm or bias else 0.02)
+        if norm and not bias:
+            a += np.float32(1.0)
+        if ".attn." in name or ".self_attn." in name:
+            a *= np.float32(attn_gain)
+        tensors[name] = a
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})  # "pt": transformers reads it
+    cfg.architectures = [ARCHITECTURES[cfg.model_type]]
+    cfg.save_pretrained(str(out))
     tiny_tokenizer(TINY["vocab_size"]).save_pretrained(str(out))
     return out
 
