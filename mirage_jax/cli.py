@@ -2,13 +2,14 @@
 
 `launch.py`, `python -m mirage_jax.generate`, `python -m mirage_jax.editing.stats`,
 `python -m mirage_jax.editing.mend_train` and the benchmarks all load a model the same way; their
-`--model` / `--dtype` / `--allow_pickle` (next: `--mesh`) are defined here so that a flag means the
+`--model` / `--dtype` / `--allow_pickle` / `--mesh` are defined here so that a flag means the
 same thing, with the same default and help text, wherever it appears. Likewise `--hp` /
 `--hparams_for` for the commands that read `configs/`.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from absl import flags
@@ -17,6 +18,35 @@ if TYPE_CHECKING:
     from mirage_jax.model import Model
 
 DTYPES = ("float32", "bfloat16", "float16")
+
+# Start-up lines that say nothing about the run: (logger, message start, highest level dropped).
+# transformers warns at import that PyTorch is missing; we only use its tokenizers and configs, which
+# need no PyTorch. JAX probes for a TPU on first use and logs the failed probe at INFO, which absl's
+# handler prints (a real backend failure raises instead). Only these exact records are dropped.
+STARTUP_NOISE = (("transformers", "PyTorch was not found.", logging.WARNING),
+                 ("jax._src.xla_bridge", "Unable to initialize backend 'tpu'", logging.INFO))
+
+
+class _DropStartupNoise(logging.Filter):
+    def __init__(self, prefix: str, max_level: int):
+        super().__init__()
+        self.prefix, self.max_level = prefix, max_level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno <= self.max_level and str(record.msg).startswith(self.prefix))
+
+
+def quiet_startup() -> None:
+    """Drop the STARTUP_NOISE records (idempotent). Called when this module is imported: every
+    command line (launch.py, `python -m mirage_jax.*`, benchmarks) imports it to define its flags,
+    before the model (and with it transformers and the JAX backends) loads."""
+    for name, prefix, level in STARTUP_NOISE:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropStartupNoise) and f.prefix == prefix for f in logger.filters):
+            logger.addFilter(_DropStartupNoise(prefix, level))
+
+
+quiet_startup()
 
 
 def _define(name: str, fv: flags.FlagValues, define, *args, **kwargs) -> None:
@@ -34,6 +64,9 @@ def define_model_flags(fv: flags.FlagValues = flags.FLAGS, dtype_default: str | 
     _define("dtype", fv, flags.DEFINE_enum, dtype_default, list(DTYPES), "parameter dtype")
     _define("allow_pickle", fv, flags.DEFINE_bool, False,
             "allow pickle *.bin checkpoints (they can run code when loaded)")
+    _define("mesh", fv, flags.DEFINE_string, "",
+            "device mesh as axis:size pairs over data, fsdp, tensor (e.g. data:2,tensor:4; -1 = the rest); "
+            "empty: fsdp over every device. Parameters load straight into their shards")
 
 
 def define_hparam_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
@@ -47,4 +80,17 @@ def load_model_from_flags(fv: flags.FlagValues = flags.FLAGS, dtype: str | None 
     """The model the flags name (`dtype` overrides --dtype where the command decided it)."""
     from mirage_jax.model import load_model
 
-    return load_model(fv.model, dtype=dtype or fv.dtype or "float32", allow_pickle=fv.allow_pickle)
+    return load_model(fv.model, dtype=dtype or fv.dtype or "float32", allow_pickle=fv.allow_pickle,
+                      mesh=mesh_from_flags(fv))
+
+
+def mesh_from_flags(fv: flags.FlagValues = flags.FLAGS):
+    """The --mesh over every device of every process; None on a single device (nothing to split)."""
+    import jax
+
+    from mirage_jax.model.sharding import make_mesh
+
+    spec = fv.mesh if "mesh" in fv else ""
+    if jax.device_count() == 1 and spec.strip() in ("", "data:1", "fsdp:1", "tensor:1"):
+        return None
+    return make_mesh(spec)

@@ -49,6 +49,7 @@ import numpy as np
 
 from mirage_jax.editing.least_squares import CovarianceFactor, covariance_factor, null_space_projector
 from mirage_jax.io import savez
+from mirage_jax.model import sharding
 from mirage_jax.model.transformer import forward
 from mirage_jax.tokens import bucket
 
@@ -641,11 +642,15 @@ def _accumulate(model, layers, corpus, n, max_len, batch_tokens, checkpoint_ever
     bar = tqdm(total=n, initial=begin, unit="doc", disable=not progress, dynamic_ncols=True,
                desc=f"mom2 {model.name} layers {','.join(map(str, layers))}")
     tokens_seen, t0 = 0, time.perf_counter()
+    mesh = sharding.mesh_of(model.params)
     for c0, c1 in itertools.pairwise(edges):
         ids = model.tokenizer(corpus.read(order[c0:c1]), truncation=True, max_length=max_len)["input_ids"]
         chunk = jnp.zeros((len(layers), f_dim, f_dim), jnp.float32)
         chunk_tokens = 0
         for tokens, mask, n_docs in _pack(ids, batch_tokens):
+            if mesh is not None:  # data parallel: rows split over the batch axes, XLA sums the moments across them
+                rows_on = sharding.batch_sharding(mesh, 2, tokens.shape[0])
+                tokens, mask = jax.device_put(tokens, rows_on), jax.device_put(mask, rows_on)
             queued = _key_moments(model.params, chunk, tokens, mask, cfg=model.cfg, layers=tuple(layers))
             # Wait for the previous batch only: one batch stays queued behind the running one,
             # and the progress bar and its ETA follow the device, not the dispatch.

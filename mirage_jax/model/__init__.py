@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
+from mirage_jax.model.adapters import ADAPTER_NOTE, has_adapters, load_adapters, save_adapters, strip_adapters
 from mirage_jax.model.checkpoint import (
     DTYPES,
     CheckpointError,
@@ -14,6 +16,7 @@ from mirage_jax.model.checkpoint import (
     save_hf_checkpoint,
 )
 from mirage_jax.model.config import ConfigError, ModelConfig, config_from_hf
+from mirage_jax.model.sharding import placement
 from mirage_jax.model.transformer import ForwardOutput, KVCache, forward, init_cache, unembed
 
 DEFAULT_MODEL = "default"
@@ -42,8 +45,18 @@ class Model:
         return forward(self.params, self.cfg, tokens, **kw)
 
     def save(self, out_dir: str | Path) -> Path:
-        """Export as an HF safetensors checkpoint that `transformers` loads."""
-        return save_hf_checkpoint(out_dir, self.cfg, self.params, self.hf_config, self.tokenizer)
+        """Export as an HF safetensors checkpoint that `transformers` loads.
+
+        Adapters (GRACE's codebook) are not weights: they go to `adapters.ADAPTER_FILE` beside the
+        checkpoint, which `load_model` reads back; config.json and a log line tell a plain-HF
+        consumer that the edit lives there (transformers itself loads the unedited model)."""
+        if not has_adapters(self.params):
+            return save_hf_checkpoint(out_dir, self.cfg, self.params, self.hf_config, self.tokenizer)
+        hf_config = dict(self.hf_config, mirage_jax_adapters=ADAPTER_NOTE)
+        out = save_hf_checkpoint(out_dir, self.cfg, strip_adapters(self.params), hf_config, self.tokenizer)
+        save_adapters(self.params, out)
+        logging.getLogger(__name__).warning(ADAPTER_NOTE)
+        return out
 
 
 def stop_token_ids(cfg: ModelConfig, tokenizer: Any) -> tuple[int, ...]:
@@ -63,8 +76,13 @@ def _finish(cfg: ModelConfig, params, tokenizer, hf_config: dict, name: str) -> 
     return Model(cfg, params, tokenizer, hf_config, name)
 
 
-def load_model(path: str | Path = DEFAULT_MODEL, dtype: str = "float32", allow_pickle: bool = False) -> Model:
-    """Load "default" (SmolLM2-135M-Instruct from its GGUF), a `.gguf` file or an HF directory."""
+def load_model(path: str | Path = DEFAULT_MODEL, dtype: str = "float32", allow_pickle: bool = False,
+               mesh: Any = None) -> Model:
+    """Load "default" (SmolLM2-135M-Instruct from its GGUF), a `.gguf` file or an HF directory.
+
+    `mesh` (a `jax.sharding.Mesh`, see `mirage_jax.model.sharding`): every parameter is built
+    directly in its shards (`sharding.placement`); everything downstream is the same code.
+    """
     if dtype not in DTYPES:
         raise CheckpointError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if str(path) == DEFAULT_MODEL or str(path).endswith(".gguf"):
@@ -75,11 +93,15 @@ def load_model(path: str | Path = DEFAULT_MODEL, dtype: str = "float32", allow_p
             raise CheckpointError(f"{gguf_path}: GGUF file does not exist")
         ck = read_gguf(gguf_path)
         cfg = config_from_hf(ck.hf_config, where=str(gguf_path))
-        params = convert_to_params(cfg, ck.tensors.keys(), ck.tensors.__getitem__, DTYPES[dtype], str(gguf_path))
+        get = ck.tensors.__getitem__  # dequantized numpy arrays: sliceable as they are
+        params = convert_to_params(cfg, ck.tensors.keys(), get, DTYPES[dtype], str(gguf_path),
+                                   placement=placement(mesh, cfg) if mesh is not None else None, get_slices=get)
         name = "SmolLM2-135M-Instruct" if str(path) == DEFAULT_MODEL else gguf_path.stem
         return _finish(cfg, params, ck.tokenizer, ck.hf_config, name)
     ckpt = Path(path)
-    cfg, params, hf_cfg = load_hf_checkpoint(ckpt, dtype=dtype, allow_pickle=allow_pickle)
+    cfg, params, hf_cfg = load_hf_checkpoint(ckpt, dtype=dtype, allow_pickle=allow_pickle, mesh=mesh)
+    params = load_adapters(params, cfg, ckpt)  # an adapter edit saved beside the weights (GRACE)
+    hf_cfg = {k: v for k, v in hf_cfg.items() if k != "mirage_jax_adapters"}
     from transformers import AutoTokenizer
 
     try:

@@ -12,6 +12,7 @@ size in host memory.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -22,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mirage_jax.model import sharding
 from mirage_jax.model.config import ModelConfig, config_from_hf
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -39,6 +41,9 @@ class Entry:
     paths: tuple[tuple[Any, ...], ...]
     to_ours: Callable[[np.ndarray], tuple[np.ndarray, ...]]
     to_hf: Callable[..., np.ndarray]
+    # One-to-one rows: ours is the HF tensor (False) or its transpose (True), so a sharded load can
+    # read each device's slice straight from the file. None: split / permuted rows, read whole.
+    transposed: bool | None = None
 
 
 def _same(a):
@@ -50,7 +55,7 @@ def _t(a):
 
 
 def _one(path, hf, transpose=False):
-    return Entry(hf, (path,), _t if transpose else _same, (lambda a: a.T) if transpose else (lambda a: a))
+    return Entry(hf, (path,), _t if transpose else _same, (lambda a: a.T) if transpose else (lambda a: a), transpose)
 
 
 def _rotary_perm(cfg: ModelConfig, n_heads: int) -> np.ndarray:
@@ -155,14 +160,49 @@ def _prefix(cfg: ModelConfig, names: set[str]) -> str:
     return "transformer." if "transformer.wte.weight" in names else ""
 
 
+Placement = Callable[[tuple, tuple[int, ...]], Any]  # (leaf path, shape) -> jax.sharding.Sharding
+
+
+class Slices:
+    """A tensor that can be read in pieces: `shape` and `[index]` (numpy arrays qualify as they are;
+    safetensors' lazy slices are wrapped so that reading a device's slice reads only those bytes)."""
+
+    def __init__(self, lazy: Any):
+        self._lazy = lazy
+        self.shape = tuple(lazy.get_shape())
+
+    def __getitem__(self, index: tuple) -> np.ndarray:
+        return self._lazy[index]
+
+
+def _sharded(shape: tuple[int, ...], sharding: Any, read: Callable[[tuple], np.ndarray], dtype: Any) -> jax.Array:
+    """A global array built device slice by device slice: each addressable device's `read(index)`
+    is cast and transferred before the next is read, so the host holds one slice at a time."""
+    return jax.make_array_from_callback(shape, sharding, lambda idx: np.ascontiguousarray(read(idx)).astype(dtype))
+
+
+def _read_slice(src: Any, transposed: bool, index: tuple) -> np.ndarray:
+    """Our leaf's `index` read from the HF tensor `src` (the transpose folded into the index)."""
+    index = tuple(index) + (slice(None),) * (len(src.shape) - len(index))
+    return src[index[::-1]].T if transposed else src[index]
+
+
 def convert_to_params(
     cfg: ModelConfig,
     names: set[str] | Mapping[str, Any],
     get: Callable[[str], np.ndarray],
     dtype: Any = jnp.float32,
     where: str = "checkpoint",
+    *,
+    placement: Placement | None = None,
+    get_slices: Callable[[str], Any] | None = None,
 ) -> dict:
-    """Build the pytree by pulling each HF tensor through `get`, one at a time."""
+    """Build the pytree by pulling each HF tensor through `get`, one at a time.
+
+    With `placement` (leaf path, shape -> sharding) every leaf is built on its devices from
+    slices; with `get_slices` too, one-to-one rows are read from the file slice by slice (the
+    transpose folded into the index), so no process ever holds a whole tensor it does not need.
+    """
     names = set(names)
     table = conversion_table(cfg, _prefix(cfg, names))
     missing = [e.hf for e in table if e.hf not in names]
@@ -171,9 +211,19 @@ def convert_to_params(
         raise CheckpointError(f"{where}: missing tensor {missing[0]!r}{more} for model_type {cfg.model_type!r}")
     tree: dict = {}
     for e in table:
+        if placement is not None and get_slices is not None and e.transposed is not None:
+            src = get_slices(e.hf)
+            shape = tuple(reversed(src.shape)) if e.transposed else tuple(src.shape)
+            read = functools.partial(_read_slice, src, e.transposed)
+            _set(tree, e.paths[0], _sharded(shape, placement(e.paths[0], shape), read, dtype))
+            continue
         arr = get(e.hf)
         for path, part in zip(e.paths, e.to_ours(arr)):
-            _set(tree, path, jnp.asarray(np.ascontiguousarray(part), dtype))
+            part = np.ascontiguousarray(part)
+            if placement is None:
+                _set(tree, path, jnp.asarray(part, dtype))
+            else:
+                _set(tree, path, _sharded(part.shape, placement(path, part.shape), part.__getitem__, dtype))
         del arr
     return _listify_layers(tree, cfg.num_layers)
 
@@ -201,7 +251,8 @@ def _safetensor_files(ckpt: Path) -> list[Path]:
             if not f.exists():
                 raise CheckpointError(f"{index}: shard {f.name} is missing")
         return files
-    return sorted(ckpt.glob("*.safetensors"))
+    # an adapter file written beside the weights (`adapters.ADAPTER_FILE`, GRACE) holds no HF tensors
+    return sorted(f for f in ckpt.glob("*.safetensors") if f.name != "mirage_adapters.safetensors")
 
 
 def _open_safetensors(files: list[Path]):
@@ -226,7 +277,10 @@ def _open_safetensors(files: list[Path]):
         except Exception as err:
             raise CheckpointError(f"{where[name]}: cannot read tensor {name!r} ({err})") from None
 
-    return where, get
+    def get_slices(name: str) -> Slices:
+        return Slices(handles[where[name]].get_slice(name))
+
+    return where, get, get_slices
 
 
 def _torch_bin(files: list[Path]):
@@ -236,7 +290,7 @@ def _torch_bin(files: list[Path]):
     for f in files:
         sd = torch.load(str(f), map_location="cpu", weights_only=True)
         state.update({k: v.float().numpy() for k, v in sd.items()})
-    return state, state.__getitem__
+    return state, state.__getitem__, state.__getitem__
 
 
 def read_hf_config(ckpt: Path) -> dict:
@@ -250,9 +304,12 @@ def read_hf_config(ckpt: Path) -> dict:
 
 
 def load_hf_checkpoint(
-    path: str | os.PathLike, dtype: str = "float32", allow_pickle: bool = False
+    path: str | os.PathLike, dtype: str = "float32", allow_pickle: bool = False, mesh: Any = None
 ) -> tuple[ModelConfig, dict, dict]:
-    """Read an HF checkpoint directory -> (ModelConfig, params, raw config dict). No torch."""
+    """Read an HF checkpoint directory -> (ModelConfig, params, raw config dict). No torch.
+
+    `mesh`: load straight into shards laid out by `sharding.placement` (see `convert_to_params`).
+    """
     ckpt = Path(path)
     if not ckpt.is_dir():
         raise CheckpointError(f"{ckpt}: checkpoint directory does not exist")
@@ -260,7 +317,7 @@ def load_hf_checkpoint(
     cfg = config_from_hf(hf_cfg, where=str(ckpt / "config.json"))
     files = _safetensor_files(ckpt)
     if files:
-        names, get = _open_safetensors(files)
+        names, get, get_slices = _open_safetensors(files)
     else:
         bins = sorted(ckpt.glob("*.bin"))
         if not bins:
@@ -270,10 +327,12 @@ def load_hf_checkpoint(
                 f"{ckpt}: only pickle *.bin weights found; they can execute code when loaded. "
                 "Convert to safetensors or pass allow_pickle=True (--allow_pickle) if you trust them"
             )
-        names, get = _torch_bin(bins)
+        names, get, get_slices = _torch_bin(bins)
     if dtype not in DTYPES:
         raise CheckpointError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    params = convert_to_params(cfg, names, get, DTYPES[dtype], where=str(ckpt))
+    place = sharding.placement(mesh, cfg) if mesh is not None else None
+    params = convert_to_params(cfg, names, get, DTYPES[dtype], where=str(ckpt), placement=place,
+                               get_slices=get_slices)
     return cfg, params, hf_cfg
 
 
