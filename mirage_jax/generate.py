@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
+from mirage_jax.model import sharding
 from mirage_jax.model.config import ModelConfig
 from mirage_jax.model.transformer import KVCache, Params, forward, init_cache
 from mirage_jax.tokens import bucket
@@ -69,14 +70,18 @@ class DecodeState(NamedTuple):
     mask: jax.Array  # [B, P + N] int32: cache slots holding real tokens (left padding stays 0); a step sets one
     prompt_len: jax.Array  # [B] int32: real prompt tokens per row; the token at step s has position prompt_len + s
     prompt_slots: jax.Array  # [] int32: P, the same for every row; the token at step s goes to cache slot P + s
+    # Adapter decisions made at prefill on each row's last prompt token ({} without adapters; see
+    # `mirage_jax.model.adapters`): a decode step sees only its own token, the prompt's stay put.
+    routes: dict
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
 def _prefill(params: Params, cfg: ModelConfig, tokens: jax.Array, mask: jax.Array,
-             cache: KVCache) -> tuple[KVCache, jax.Array]:
-    """The whole left-padded prompt batch in one forward: the filled cache and each row's first new token."""
-    out = forward(params, cfg, tokens, attn_mask=mask, cache=cache, cache_index=0)
-    return out.cache, jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32)
+             cache: KVCache, prompt_len: jax.Array) -> tuple[KVCache, jax.Array, dict]:
+    """The whole left-padded prompt batch in one forward: the filled cache, each row's first new token
+    and the adapters' routes (empty without adapters)."""
+    out = forward(params, cfg, tokens, attn_mask=mask, cache=cache, cache_index=0, prompt_len=prompt_len)
+    return out.cache, jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32), out.routes
 
 
 def _decode_impl(params: Params, cfg: ModelConfig, cache: KVCache, state: DecodeState, limit: jax.Array,
@@ -98,9 +103,11 @@ def _decode_impl(params: Params, cfg: ModelConfig, cache: KVCache, state: Decode
         slot = s.prompt_slots + s.step
         mask = jax.lax.dynamic_update_slice_in_dim(s.mask, jnp.ones((tok.shape[0], 1), jnp.int32), slot, 1)
         pos = (s.prompt_len + s.step)[:, None]
-        out = forward(params, cfg, tok[:, None], attn_mask=mask, positions=pos, cache=cache, cache_index=slot)
+        out = forward(params, cfg, tok[:, None], attn_mask=mask, positions=pos, cache=cache, cache_index=slot,
+                      prompt_len=s.prompt_len, routes=s.routes)
         nxt = jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32)
-        return out.cache, s._replace(step=s.step + 1, next_token=nxt, out=out_tokens, done=done, mask=mask)
+        return out.cache, s._replace(step=s.step + 1, next_token=nxt, out=out_tokens, done=done, mask=mask,
+                                     routes=out.routes)
 
     return jax.lax.while_loop(cond, body, (cache, state))
 
@@ -234,15 +241,22 @@ def _generate_batch(
             f"prompt of {longest} tokens + {max_new} new exceeds the model's {cfg.max_position_embeddings} positions"
         )
     p = bucket(longest)  # prompt bucket: a power of two >= 16
+    mesh = sharding.mesh_of(params)
     b = min(bucket(n, 1), bucket(batch_size, 1))  # batch bucket; a short last batch is not padded to batch_size
+    b = max(b, sharding.batch_axis_size(mesh))  # on a mesh, at least one row per batch shard
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     tokens, mask = _left_padded(rows, batch=b, prompt_slots=p, new_slots=new_bucket, pad_id=pad)
     dtype = jax.tree_util.tree_leaves(params)[0].dtype
     cache = init_cache(cfg, b, p + new_bucket, dtype)
-    cache, nxt = _prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(mask), cache)
+    if mesh is not None:  # rows split like the batch axes, the cache also on KV heads; the loop keeps the layout
+        rows_on = sharding.batch_sharding(mesh, 2, b)
+        tokens, mask = jax.device_put(tokens, rows_on), jax.device_put(mask, rows_on)
+        cache = jax.device_put(cache, sharding.cache_sharding(mesh, cfg, b))
+    prompt_len = jnp.asarray(mask[:, :p].sum(-1).astype(np.int32))
+    cache, nxt, routes = _prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(mask), cache, prompt_len)
     state = DecodeState(step=jnp.int32(0), next_token=nxt, out=jnp.full((b, new_bucket), -1, jnp.int32),
                         done=jnp.asarray(np.arange(b) >= n), mask=jnp.asarray(mask),
-                        prompt_len=jnp.asarray(mask[:, :p].sum(-1).astype(np.int32)), prompt_slots=jnp.int32(p))
+                        prompt_len=prompt_len, prompt_slots=jnp.int32(p), routes=routes)
     decode = _decode_fn()
     stopped: list[int | None] = [None] * n  # per row: kept tokens once a stop string / rule fired
     step = 0
@@ -287,12 +301,21 @@ def chat_prompt(tokenizer: Any, question: str) -> str:
                                          add_generation_prompt=True, tokenize=False)
 
 
+def check_cli_args(prompt: str | None, max_new_tokens: int) -> None:
+    """The command line's own input, checked before the model loads (seconds, not a traceback later)."""
+    if not prompt:
+        raise GenerationError("--prompt is empty; give the text to continue (or the question, with --chat)")
+    if max_new_tokens < 1:
+        raise GenerationError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
+
+
 def main(argv: Sequence[str]) -> None:
     from mirage_jax.cli import load_model_from_flags
 
     f = flags.FLAGS
     if len(argv) > 1:
         raise SystemExit(f"unexpected arguments: {' '.join(argv[1:])}")
+    check_cli_args(f.prompt, f.max_new_tokens)
     model = load_model_from_flags()
     prompt = f.prompt
     add_special = True
@@ -314,7 +337,12 @@ def _flags() -> None:
 
 
 if __name__ == "__main__":
+    import sys
+
     from absl import app
 
     _flags()
-    app.run(main)
+    try:
+        app.run(main)
+    except ValueError as err:  # bad input (GenerationError, CheckpointError, ...): one line, like launch.py
+        sys.exit(f"error: {err}")

@@ -40,6 +40,13 @@ class TokenBatch:
     prompt_last: np.ndarray  # [B] index of the last prompt token
     n_rows: int  # real rows (the rest is padding up to the batch bucket)
 
+    @property
+    def prompt_len(self) -> np.ndarray:
+        """[B] real prompt tokens per row (BOS included): the forward's ``prompt_len``, which tells
+        adapters (GRACE) where each row's last prompt token is."""
+        pads = self.tokens.shape[1] - self.attn_mask.sum(-1)
+        return (self.prompt_last - pads + 1).astype(np.int32)
+
 
 def encode_prompt_target(tokenizer: Any, prompt: str, target: str | None, add_special_tokens: bool = True):
     """Token ids of prompt (+ " " + target), their character offsets in that text, and how many

@@ -3,6 +3,11 @@
 Every target token is predicted from the *gold* prefix; the score is the fraction of target
 tokens whose argmax equals the gold token. Locality compares post-edit argmax tokens with the
 pre-edit ones over the locality answer span. One jitted forward per (batch, length) bucket.
+
+The seed scores GRACE differently (spec 2.2): greedy generation of |target| tokens from the prompt,
+position-wise accuracy against the target ids, plus a macro-F1. `generated_target_tokens` /
+`generated_accuracy` are that variant, for any params (adapters or not): results label it
+``*_generated`` beside the teacher-forced ``*_acc``.
 """
 
 from __future__ import annotations
@@ -15,14 +20,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mirage_jax.generate import generate_ids
 from mirage_jax.model.config import ModelConfig
 from mirage_jax.model.transformer import forward
-from mirage_jax.tokens import make_batch
+from mirage_jax.tokens import make_batch, split_prompt_target
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
-def _argmax_tokens(params, cfg: ModelConfig, tokens, attn_mask):
-    return jnp.argmax(forward(params, cfg, tokens, attn_mask=attn_mask).logits, axis=-1).astype(jnp.int32)
+def _argmax_tokens(params, cfg: ModelConfig, tokens, attn_mask, prompt_len):
+    # prompt_len: an adapter (GRACE) acts at the last *prompt* token, as when the edit was made
+    logits = forward(params, cfg, tokens, attn_mask=attn_mask, prompt_len=prompt_len).logits
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
 def predicted_target_tokens(
@@ -37,7 +45,8 @@ def predicted_target_tokens(
     out: list[tuple[np.ndarray, np.ndarray]] = []
     for s in range(0, len(prompts), batch_size):
         b = make_batch(tokenizer, prompts[s : s + batch_size], targets[s : s + batch_size])
-        pred = np.asarray(_argmax_tokens(params, cfg, jnp.asarray(b.tokens), jnp.asarray(b.attn_mask)))
+        pred = np.asarray(_argmax_tokens(params, cfg, jnp.asarray(b.tokens), jnp.asarray(b.attn_mask),
+                                         jnp.asarray(b.prompt_len)))
         for r in range(b.n_rows):
             pos = np.nonzero(b.target_mask[r])[0]
             out.append((pred[r, pos - 1], b.tokens[r, pos]))
@@ -53,3 +62,41 @@ def token_accuracy(params, cfg, tokenizer, prompts, targets, batch_size: int = 3
 def locality_agreement(pre: Sequence[np.ndarray], post: Sequence[np.ndarray]) -> list[float]:
     """Fraction of answer positions where post-edit argmax equals pre-edit argmax."""
     return [float(np.mean(np.asarray(a) == np.asarray(b))) for a, b in zip(pre, post)]
+
+
+def generated_target_tokens(params: Any, cfg: ModelConfig, tokenizer: Any, prompts: Sequence[str],
+                            targets: Sequence[str], batch_size: int = 32) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per sample: (the first |target| greedily generated ids, -1 where generation ended earlier at
+    EOS; gold target ids). The seed's GRACE variant (spec 2.2): no cache there, our KV-cached loop
+    gives the same tokens (tests/test_grace.py). Target ids are split in context, as everywhere."""
+    if not prompts:
+        return []
+    split = [split_prompt_target(tokenizer, p, t) for p, t in zip(prompts, targets)]
+    gold = [np.asarray(ids[n:], np.int32) for ids, n in split]
+    gens = generate_ids(params, cfg, tokenizer, [ids[:n] for ids, n in split],
+                        max_new_tokens=max(len(g) for g in gold), batch_size=batch_size)
+    out = []
+    for g, gen in zip(gold, gens):
+        ids = np.full(len(g), -1, np.int32)
+        got = np.asarray(gen.ids[: len(g)], np.int32)
+        ids[: len(got)] = got
+        out.append((ids, g))
+    return out
+
+
+def macro_f1(gold: Sequence[int], pred: Sequence[int]) -> float:
+    """sklearn's ``f1_score(gold, pred, average="macro")`` over the two id lists (the seed's
+    ``*_F1``): mean over every id in either list of 2tp / (2tp + fp + fn), position-wise."""
+    gold, pred = np.asarray(gold), np.asarray(pred)
+    scores = []
+    for c in np.union1d(gold, pred):
+        tp = np.sum((gold == c) & (pred == c))
+        denom = np.sum(gold == c) + np.sum(pred == c)
+        scores.append(2 * tp / denom if denom else 0.0)
+    return float(np.mean(scores)) if scores else 0.0
+
+
+def generated_accuracy(params, cfg, tokenizer, prompts, targets, batch_size: int = 32) -> list[tuple[float, float]]:
+    """Per sample (position-wise accuracy of the generated ids, macro-F1), spec 2.2."""
+    pairs = generated_target_tokens(params, cfg, tokenizer, prompts, targets, batch_size)
+    return [(float(np.mean(p == g)), macro_f1(g, p)) for p, g in pairs]

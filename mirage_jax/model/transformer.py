@@ -27,6 +27,11 @@ Sites: ``layer_in`` (residual entering the layer), ``mlp_in`` (normed MLP input,
 gate/up projections; MEND's x), ``mlp_key`` (input of the MLP down
 projection, the ROME/MEMIT key k), ``mlp_out`` (MLP output, the ROME value), ``residual``
 (hidden state leaving the layer, MEMIT's z).
+
+Adapters (`mirage_jax.model.adapters`): leaves such as ``mlp["grace"]`` beside the MLP kernels are
+applied to the MLP output (before the ``mlp_out`` hook) wherever present; ``prompt_len`` tells them
+which token is each row's last prompt token and ``routes`` carries their per-row decisions from the
+prefill to KV-cached decode steps. Params without such leaves run exactly as before.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mirage_jax.model.adapters import apply_mlp_adapters, mlp_adapters
 from mirage_jax.model.config import ModelConfig, rope_inv_freq
 
 Params = Mapping[str, Any]
@@ -57,6 +63,7 @@ class ForwardOutput(NamedTuple):
     reads: dict[Site, jax.Array]
     cache: KVCache | None
     hidden: jax.Array  # final hidden state before the final norm, [B, T, D]
+    routes: dict | None = None  # {layer: adapter decisions}, empty without adapters (see `forward`)
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any) -> KVCache:
@@ -165,12 +172,15 @@ def _layer(
     layer: int,
     reads: tuple[Site, ...],
     adds: Mapping[Site, tuple[jax.Array, jax.Array]],
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None, dict[Site, jax.Array]]:
+    prompt_len: jax.Array | None = None,
+    route: dict | None = None,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None, dict[Site, jax.Array], dict]:
     """One decoder layer ``p`` (index ``layer``) on the hidden state ``x`` ``[B, T, D]``.
 
     Returns the hidden state leaving the layer, this layer's updated ``(k, v)`` cache (None without
     a cache) and the reads of this layer, ``{(site, layer): [B, T, X]}``: returned, not written into
-    a caller's dict, so that a layer is a function of its arguments and nothing else.
+    a caller's dict, so that a layer is a function of its arguments and nothing else -- and the
+    decisions of its MLP adapters, if any (``route``: those of an earlier call, for decode steps).
     """
     captured: dict[Site, jax.Array] = {}
 
@@ -191,9 +201,13 @@ def _layer(
     else:
         key = _act(cfg, _dense(m["up"], mlp_in))
     key = hook("mlp_key", key)
-    mlp_out = hook("mlp_out", _dense(m["down"], key))
+    mlp_out = _dense(m["down"], key)
+    new_route: dict = {}
+    if mlp_adapters(m):
+        mlp_out, new_route = apply_mlp_adapters(m, key, mlp_out, where.positions, prompt_len, route)
+    mlp_out = hook("mlp_out", mlp_out)
     out = x + attn + mlp_out
-    return hook("residual", out), new_kv, captured
+    return hook("residual", out), new_kv, captured, new_route
 
 
 def embed(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array) -> jax.Array:
@@ -228,6 +242,8 @@ def forward(
     hidden: jax.Array | None = None,
     stop_layer: int | None = None,
     return_logits: bool = True,
+    prompt_len: jax.Array | None = None,
+    routes: Mapping[int, dict] | None = None,
 ) -> ForwardOutput:
     """Run the decoder.
 
@@ -239,6 +255,10 @@ def forward(
     start_layer / hidden: run layers ``start_layer..`` from ``hidden`` (the ``layer_in`` of
       ``start_layer``). stop_layer: stop after that many layers (exclusive bound), e.g. to
       collect keys without paying for the rest of the stack; logits are then not computed.
+    prompt_len: ``[B]`` real prompt tokens per row, for adapters (the last prompt token has position
+      ``prompt_len - 1``); None: every token of this call is prompt. Ignored without adapters.
+    routes: the ``ForwardOutput.routes`` of the prefill of the same rows (decode steps): the
+      adapters' per-row decisions made at the last prompt token, which a decode step does not see.
     """
     adds = dict(adds or {})
     for site, layer in tuple(reads) + tuple(adds):
@@ -253,15 +273,19 @@ def forward(
     x = hidden if hidden is not None else embed(params, cfg, tokens, positions)
     stop = cfg.num_layers if stop_layer is None else stop_layer
     out_reads: dict[Site, jax.Array] = {}
+    out_routes: dict[int, dict] = {}
     new_k, new_v = (list(cache.k), list(cache.v)) if cache is not None else (None, None)
     where = Placement(positions, attn_mask, cache_index)
     for layer in range(start_layer, stop):
         kv = (cache.k[layer], cache.v[layer]) if cache is not None else None
-        x, new_kv, layer_reads = _layer(cfg=cfg, p=params["layers"][layer], x=x, where=where, cache_kv=kv,
-                                        layer=layer, reads=reads, adds=adds)
+        x, new_kv, layer_reads, route = _layer(cfg=cfg, p=params["layers"][layer], x=x, where=where, cache_kv=kv,
+                                               layer=layer, reads=reads, adds=adds, prompt_len=prompt_len,
+                                               route=None if routes is None else routes.get(layer))
         out_reads.update(layer_reads)
+        if route:
+            out_routes[layer] = route
         if new_kv is not None:
             new_k[layer], new_v[layer] = new_kv
     logits = unembed(params, cfg, x) if return_logits and stop == cfg.num_layers else None
     new_cache = KVCache(new_k, new_v) if cache is not None else None
-    return ForwardOutput(logits, out_reads, new_cache, x)
+    return ForwardOutput(logits, out_reads, new_cache, x, out_routes)
