@@ -9,10 +9,10 @@ evaluations, under the model's chat template.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from absl import app, flags
 
@@ -36,11 +36,19 @@ flags.DEFINE_enum("evaluation", "both", ["wild", "synthetic", "both"], "evaluati
 flags.DEFINE_enum("context_type", "chat_temp", ["question-only", "qa_inst", "chat_temp"], "WILD input wrapping")
 flags.DEFINE_integer("max_new_tokens", 50, "WILD generation budget")
 flags.DEFINE_enum("stop_rule", "improved", ["seed", "improved"], "WILD answer end: paper's rule or ours")
-flags.DEFINE_enum("judge", "exact_match", ["exact_match", "llm"], "how WILD answers are scored")
-flags.DEFINE_string("judge_model", "gpt-4o-mini", "model name for --judge=llm")
+flags.DEFINE_enum("judge", "exact_match", ["exact_match", "llm", "local"],
+                 "how WILD answers are scored: exact match, an OpenAI-compatible API, or a local instruction model "
+                 "(the paper's grader prompt, verdict from the logits of A vs B)")
+flags.DEFINE_string("judge_model", None, "--judge=llm: API model name (default gpt-4o-mini); --judge=local: "
+                    "HF directory, .gguf file or 'default' (default 'default', SmolLM2-135M: mechanics only, "
+                    "use a capable instruction model such as Qwen2.5-7B-Instruct for real verdicts)")
 flags.DEFINE_string("judge_base_url", None, "OpenAI-compatible endpoint for --judge=llm (key: $OPENAI_API_KEY)")
 flags.DEFINE_string("output_dir", "out", "results directory")
 flags.DEFINE_bool("resume", False, "continue a killed run with the same settings")
+flags.DEFINE_list("eval_at", [], "sequential / batch: also evaluate all edits so far after these numbers of "
+                  "edits, e.g. 10,100,1000 (the summary's 'curve'; streamed to <run>_curve.jsonl)")
+flags.register_validator("eval_at", lambda v: all(x.strip().isdigit() for x in v),
+                         message="--eval_at takes comma-separated edit counts, e.g. 10,100,1000")
 flags.DEFINE_string("stats_dir", "stats", "cache of MLP key statistics (MEMIT, AlphaEdit, ROME+mom2)")
 flags.DEFINE_string("rome_stats_dir", None, "ROME/EasyEdit stats directory (<dir>/<model>/wikipedia_stats/*.npz)")
 flags.DEFINE_string("stats_corpus", None, "statistics from this corpus (computed once, cached, resumable): "
@@ -61,12 +69,17 @@ def main(argv):
     from mirage_jax.editing import get_method
     from mirage_jax.evaluation.judge import make_judge
     from mirage_jax.evaluation.wild import WildConfig
+    from mirage_jax.report import end_of_run_text
     from mirage_jax.runner import RunConfig, run
 
     method = get_method(FLAGS.method)
     data = datasets.load_dataset(FLAGS.dataset, FLAGS.data_path, FLAGS.ds_size, skip_bad=FLAGS.skip_bad)
     if data.skipped:
         logging.warning("skipped %d bad records: %s", len(data.skipped), data.skipped[:5])
+    # The judge first: its settings (e.g. --judge=llm without OPENAI_API_KEY) fail in a second, not
+    # after the model has loaded.
+    judge = make_judge(FLAGS.judge, FLAGS.judge_model, FLAGS.judge_base_url,
+                       cache_path=f"{FLAGS.output_dir}/judge_cache.jsonl")
     model = load_model_from_flags()
     hp = get_hparams(method.name, model.name, FLAGS.hp, key=FLAGS.hparams_for)
     if method.name == "MEND":  # a trained editor: --hp archive=, results/mend/<model>/best, or train one now
@@ -79,10 +92,8 @@ def main(argv):
         edit_mode=FLAGS.edit_mode, batch_size=FLAGS.batch_size, evaluation=FLAGS.evaluation,
         wild=WildConfig(context_type=FLAGS.context_type, max_new_tokens=FLAGS.max_new_tokens,
                         stop_rule=FLAGS.stop_rule),
-        output_dir=FLAGS.output_dir, resume=FLAGS.resume,
+        output_dir=FLAGS.output_dir, resume=FLAGS.resume, eval_at=tuple(int(n) for n in FLAGS.eval_at),
     )
-    judge = make_judge(FLAGS.judge, FLAGS.judge_model, FLAGS.judge_base_url,
-                       cache_path=f"{FLAGS.output_dir}/judge_cache.jsonl")
     stats = None
     if method.needs_stats(hp):
         from mirage_jax.editing import stats as key_stats
@@ -91,7 +102,9 @@ def main(argv):
             model, hp.layers, n_samples=getattr(hp, "mom2_n_samples", key_stats.DEFAULT_N_SAMPLES),
             corpus=FLAGS.stats_corpus, cache_dir=FLAGS.stats_dir, rome_dir=FLAGS.rome_stats_dir, model_arg=FLAGS.model)
     summary = run(model, list(data.requests), method, hp, rc, judge, stats=stats)
-    print(json.dumps({k: summary[k] for k in ("run", "n_samples", "pre", "post")}, indent=2))
+    files = [Path(FLAGS.output_dir) / f"{rc.run_name}{suffix}"
+             for suffix in (".jsonl", "_summary.json", "_table.md", "_curve.jsonl")]
+    print(end_of_run_text(summary, [f for f in files if f.exists()]))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,11 @@ The runner is the only module that knows both the editing methods and the evalua
   cumulative chunks of `batch_size` requests, then all evaluations.
 * Each finished sample is one JSON line, flushed at once; `resume=True` skips the case ids
   already in the file. A summary JSON and a markdown table are written at the end.
+* `eval_at` (sequential / batch): after the n-th edit, every request edited so far is evaluated
+  on the current params and the means are one point of a curve (`summary["curve"]`), streamed to
+  `{run}_curve.jsonl`. Params are never checkpointed: a resumed run replays every edit from the
+  original model anyway (deterministic), so the params at point n are reproduced by re-editing,
+  and points already in the file are read back, not evaluated again.
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ log = logging.getLogger(__name__)
 
 EDIT_MODES = ("single", "sequential", "batch")
 EVALUATIONS = ("wild", "synthetic", "both")
+# Version of the summary JSON's layout; `mirage_jax.report` refuses other versions. Bump it when a key
+# changes meaning or moves (adding a key is compatible).
+SUMMARY_SCHEMA = 1
 
 
 class RunError(ValueError):
@@ -59,6 +67,12 @@ class RunConfig:
     # generator in one call, which pads batch and lengths to power-of-two buckets: any value here
     # compiles only a few programs, and a larger one amortises each host round trip over more rows.
     eval_batch: int = 16
+    # Sequential / batch: also evaluate all requests edited so far after this many edits (the
+    # paper's reliability-vs-number-of-edits curve); each n <= the number of requests.
+    eval_at: tuple[int, ...] = ()
+    # Synthetic evaluation also in the seed's generated variant (spec 2.2; `*_generated` keys). The
+    # seed uses it for GRACE only; `run` turns it on for methods that declare `generated_synthetic`.
+    generated_synthetic: bool = False
 
     def __post_init__(self):
         if self.edit_mode not in EDIT_MODES:
@@ -67,6 +81,14 @@ class RunConfig:
             raise RunError(f"unknown evaluation {self.evaluation!r}; valid: {', '.join(EVALUATIONS)}")
         if self.batch_size < 1:
             raise RunError("batch_size must be >= 1")
+        if self.eval_at:
+            if self.edit_mode == "single":
+                raise RunError("eval_at needs edit_mode sequential or batch: single mode never accumulates edits")
+            if any(n < 1 for n in self.eval_at) or list(self.eval_at) != sorted(set(self.eval_at)):
+                raise RunError(f"eval_at must be increasing positive edit counts, got {list(self.eval_at)}")
+            if self.edit_mode == "batch" and any(n % self.batch_size for n in self.eval_at):
+                raise RunError(f"eval_at points must be multiples of batch_size={self.batch_size} (edits come in "
+                               f"chunks), got {list(self.eval_at)}")
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -135,6 +157,23 @@ def _evaluate_synthetic(model, params, reqs, rc, pre) -> list[dict]:
         if pre is not None:
             agree = synthetic.locality_agreement(pre[i]["synthetic"]["_loc"], loc)
             out[i]["locality"] = {"neighborhood_acc": _mean(agree), "per_pair": agree}
+    if not rc.generated_synthetic:
+        return out
+    # The seed's GRACE variant (spec 2.2): greedy generation of |target| tokens, position-wise
+    # accuracy and macro-F1 (`*_generated`), beside the teacher-forced scores. Only where asked (the
+    # method's `generated_synthetic`, or the RunConfig field): it costs one generation per question.
+    gen = synthetic.generated_target_tokens(params, cfg, tok, [q for *_, q in scored] + [p.prompt for _, p in pairs],
+                                            [reqs[i].target_new for i, *_ in scored] + [p.answer for _, p in pairs])
+    for (i, key, _), (ids, gold) in zip(scored, gen):
+        out[i][f"{key}_acc_generated"] = float((ids == gold).mean())
+        out[i][f"{key}_F1_generated"] = synthetic.macro_f1(gold, ids)
+    loc_gen = ((i, ids.tolist()) for (i, _), (ids, _) in zip(pairs, gen[len(scored):]))
+    for i, loc in enumerate(_by_request(len(reqs), loc_gen)):
+        out[i]["_loc_generated"] = loc
+        before = pre[i]["synthetic"].get("_loc_generated") if pre is not None else None
+        if before is not None:  # absent in a pre-edit cache written before this variant existed
+            agree = synthetic.locality_agreement(before, loc)
+            out[i]["locality"]["neighborhood_acc_generated"] = _mean(agree)
     return out
 
 
@@ -238,6 +277,20 @@ def _safe_edit(method: EditMethod, model: Any, params: Any, reqs: Sequence[EditR
     return new, info
 
 
+def curve_point(model: Any, params: Any, edited: Sequence[EditRequest], rc: RunConfig, judge: Judge,
+                pre: dict[int, dict], infos: dict[int, dict], n_edits: int) -> dict:
+    """Every request edited so far, evaluated on the current params: the same evaluation and the
+    same means as the final post-edit block (`summarise`), per evaluation type."""
+    ok = [r for r in edited if "error" not in infos[r.case_id]]
+    rows = []
+    for s in range(0, len(ok), rc.eval_batch):
+        chunk = ok[s : s + rc.eval_batch]
+        posts = evaluate(model, params, chunk, rc, judge, [pre[r.case_id] for r in chunk])
+        rows += [_record(r, pre[r.case_id], post, infos[r.case_id]) for r, post in zip(chunk, posts)]
+    post = summarise(rows, rc, judge.name)["post"]
+    return {"n_edits": n_edits, **{kind: post[kind] for kind in rc.kinds}}
+
+
 def run(model: Any, requests: Sequence[EditRequest], method: EditMethod, hp: Any, rc: RunConfig,
         judge: Judge, stats: Any = None) -> dict:
     """Run the experiment, streaming results; returns the summary (also written to disk).
@@ -248,14 +301,24 @@ def run(model: Any, requests: Sequence[EditRequest], method: EditMethod, hp: Any
         raise RunError(f"method {method.name} cannot batch-edit; use --edit_mode=single or sequential")
     out_dir = Path(rc.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if method.generated_synthetic and not rc.generated_synthetic:
+        rc = dataclasses.replace(rc, generated_synthetic=True)
     results = out_dir / f"{rc.run_name}.jsonl"
     if results.exists() and not rc.resume:
         raise RunError(f"{results} exists; pass --resume to continue it or choose another --output_dir")
+    curve_file = out_dir / f"{rc.run_name}_curve.jsonl"
+    if rc.eval_at and curve_file.exists() and not rc.resume:
+        raise RunError(f"{curve_file} exists; pass --resume to continue it or choose another --output_dir")
+    if rc.eval_at and rc.eval_at[-1] > len(requests):
+        raise RunError(f"eval_at point {rc.eval_at[-1]} exceeds the {len(requests)} requests")
+    curve = {row["n_edits"]: row for row in _read_jsonl(curve_file)} if rc.eval_at else {}
+    # Points before the last edit are evaluated while editing; the one at the end is the final summary.
+    missing = [n for n in rc.eval_at if n not in curve and n < len(requests)]
     finished = {row["case_id"] for row in _read_jsonl(results)}
     pre = pre_edit(model, requests, rc, judge)
     todo = [r for r in requests if r.case_id not in finished]
     # Run constants from the unedited model (context templates, a MEND archive): once, not per edit.
-    ctx = method.prepare(model.params, model.cfg, model.tokenizer, hp) if todo else {}
+    ctx = method.prepare(model.params, model.cfg, model.tokenizer, hp) if todo or missing else {}
     if rc.edit_mode == "single":
         # Each edited pytree is an ordinary (traced) argument of the jitted generation and forward
         # programs, so evaluating a new edit compiles nothing; only a question in an unseen bucket does.
@@ -264,20 +327,30 @@ def run(model: Any, requests: Sequence[EditRequest], method: EditMethod, hp: Any
             info.pop("state", None)
             post = {} if "error" in info else evaluate(model, new, [r], rc, judge, [pre[r.case_id]])[0]
             _append(results, _record(r, pre[r.case_id], post, info))
-    elif todo:
+    elif todo or missing:
         params, infos, state = model.params, {}, None
         step = 1 if rc.edit_mode == "sequential" else rc.batch_size
         chunks = [requests[s : s + step] for s in range(0, len(requests), step)]
-        for chunk in tqdm(chunks, desc=f"{method.name} {rc.edit_mode} edits"):  # all edits, resumed or not
+        for k, chunk in enumerate(tqdm(chunks, desc=f"{method.name} {rc.edit_mode} edits")):  # all, resumed or not
             params, info = _safe_edit(method, model, params, chunk, hp, stats=stats, state=state, **ctx)
             state = info.pop("state", state)
             infos.update({r.case_id: info for r in chunk})
+            n_edited = k * step + len(chunk)
+            if n_edited in missing:
+                curve[n_edited] = curve_point(model, params, requests[:n_edited], rc, judge, pre, infos, n_edited)
+                _append(curve_file, curve[n_edited])
         for s in tqdm(range(0, len(todo), rc.eval_batch), desc="post-edit eval"):
             chunk = todo[s : s + rc.eval_batch]
             posts = evaluate(model, params, chunk, rc, judge, [pre[r.case_id] for r in chunk])
             for r, post in zip(chunk, posts):
                 _append(results, _record(r, pre[r.case_id], post, infos[r.case_id]))
     summary = summarise(_read_jsonl(results), rc, judge.name)
+    if rc.eval_at:
+        n = len(requests)
+        if n in rc.eval_at and n not in curve:
+            curve[n] = {"n_edits": n, **{kind: summary["post"][kind] for kind in rc.kinds}}
+            _append(curve_file, curve[n])
+        summary["curve"] = [curve[n] for n in rc.eval_at if n in curve]
     io.write_json(out_dir / f"{rc.run_name}_summary.json", summary, indent=2)
     io.write_text(out_dir / f"{rc.run_name}_table.md", markdown_table(summary))
     return summary
@@ -290,19 +363,25 @@ def summarise(rows: Sequence[dict], rc: RunConfig, judge_name: str) -> dict:
     evaluation (WILD when it ran), beside the per-type blocks.
     """
     ok = [r for r in rows if "error" not in r.get("edit", {})]
-    summary: dict[str, Any] = {"run": rc.run_name, "method": rc.method, "model": rc.model_name,
-                               "dataset": rc.dataset, "edit_mode": rc.edit_mode, "judge": judge_name,
-                               "n_samples": len(ok), "n_failed_edits": len(rows) - len(ok)}
+    summary: dict[str, Any] = {"schema": SUMMARY_SCHEMA, "run": rc.run_name, "method": rc.method,
+                               "model": rc.model_name, "dataset": rc.dataset, "edit_mode": rc.edit_mode,
+                               "judge": judge_name, "n_samples": len(ok), "n_failed_edits": len(rows) - len(ok)}
     for stage in ("pre", "post"):
         block: dict[str, Any] = {}
         for kind in rc.kinds:
             vals = [r[stage].get(kind, {}) for r in ok]
             m = {key: _mean(v.get(key) for v in vals) for key in ("rewrite_acc", "rephrase_acc")}
+            if kind == "synthetic" and rc.generated_synthetic:  # the seed's generated variant (spec 2.2), apart
+                m.update({key: _mean(v.get(key) for v in vals) for key in ("rewrite_acc_generated",
+                                                                             "rephrase_acc_generated")})
             if kind == "wild":  # answers the judge could not grade (unreachable LLM judge)
                 m["unjudged"] = sum(v.get(k) is None for v in vals for k in ("rewrite_acc", "rephrase_acc")
                                     if k.replace("acc", "gen_content") in v)
             if stage == "post":
                 m["locality"] = _mean(v.get("locality", {}).get("neighborhood_acc") for v in vals)
+                if kind == "synthetic" and rc.generated_synthetic:
+                    m["locality_generated"] = _mean(v.get("locality", {}).get("neighborhood_acc_generated")
+                                                    for v in vals)
                 if kind == "wild":
                     m["locality_answer"] = _mean(v.get("locality", {}).get("answer_acc") for v in vals)
             block[kind] = m

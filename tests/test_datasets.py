@@ -225,3 +225,49 @@ def test_bad_jsonl_line_is_named(tmp_path):
     bad_field.write_text("\n".join(json.dumps(_qaedit_record(i, target="" if i == 1 else "x")) for i in range(2)))
     with pytest.raises(DatasetError, match=r"record 1: field 'target': empty"):
         load_qaedit(bad_field)
+
+
+# --- the shared ZsRE file (../shared/data, present where CI runs; its README: source, licence, quirks) ---
+
+SHARED_ZSRE = Path(__file__).resolve().parents[2] / "shared" / "data" / "zsre_mend_eval_first1000.json"
+
+
+@pytest.fixture(scope="module")
+def zsre_raw():
+    if not SHARED_ZSRE.exists():
+        pytest.skip(f"{SHARED_ZSRE} not present")
+    return json.loads(SHARED_ZSRE.read_text(encoding="utf-8"))
+
+
+def test_zsre_shared_first_20_records(zsre_raw):
+    """The first 20 records of MEND's ZsRE eval split become requests field for field (checked
+    against the raw JSON): the question `src`, the new answer `alt` (not the model's `pred`), the
+    gold `answers[0]` as the old answer, one "nq question: ..." locality pair, strings verbatim."""
+    loaded = load_dataset("zsre", SHARED_ZSRE, ds_size=20)
+    assert loaded.name == "zsre" and loaded.skipped == () and len(loaded.requests) == 20
+    for i, (req, rec) in enumerate(zip(loaded.requests, zsre_raw[:20])):
+        # The file's own cross-check of three fields: the edit turns `pred` into `alt` for `src`.
+        assert rec["cond"] == f"{rec['pred']} >> {req.target_new} || {req.prompt}"
+        assert req == EditRequest(case_id=i, prompt=rec["src"], subject=rec["subject"], target_new=rec["alt"],
+                                  ground_truth=rec["answers"][0], rephrase=rec["rephrase"],
+                                  locality=(LocalityPair(rec["loc"], rec["loc_ans"]),), source=None)
+        assert req.locality[0].prompt.startswith("nq question: ")
+    first = loaded.requests[0]
+    assert (first.prompt, first.target_new, first.ground_truth) == (
+        "What university did Watts Humphrey attend?", "University of Michigan", "Illinois Institute of Technology")
+
+
+def test_zsre_shared_empty_new_answers_stop_or_are_skipped(zsre_raw):
+    """Records 54 and 103 have an empty `alt` (empty in the source too): an error naming the first
+    one by default; with skip_bad both are skipped and reported, the others keep their file index."""
+    assert [i for i, rec in enumerate(zsre_raw) if not rec["alt"]] == [54, 103]
+    with pytest.raises(DatasetError, match=r"record 54: field 'alt': empty") as err:
+        load_zsre(SHARED_ZSRE)
+    assert (err.value.index, err.value.field) == (54, "alt")
+    loaded = load_dataset("zsre", SHARED_ZSRE, skip_bad=True)
+    assert [i for i, _ in loaded.skipped] == [54, 103]
+    assert all("field 'alt'" in reason for _, reason in loaded.skipped)
+    ids = [r.case_id for r in loaded.requests]
+    assert len(ids) == 998 and ids == [i for i in range(1000) if i not in (54, 103)]
+    assert all(r.target_new == zsre_raw[r.case_id]["alt"] and r.prompt == zsre_raw[r.case_id]["src"]
+               for r in loaded.requests)

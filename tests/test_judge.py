@@ -106,7 +106,7 @@ def api_key(monkeypatch):
 
 def _answer_of(body):
     """The predicted answer the rubric was filled with."""
-    return re.search(r"Predicted answer: (.*)", body["messages"][0]["content"]).group(1)
+    return re.search(r"Predicted answer: (.*)", body["messages"][-1]["content"]).group(1)
 
 
 def _judge(server, tmp_path, **options):
@@ -132,7 +132,8 @@ def test_verdict_parsing_over_http(serve, tmp_path):
     authorization, body = server.requests[0]
     assert authorization == f"Bearer {SECRET}"
     assert body["model"] == "judge-test" and body["temperature"] == 0
-    (message,) = body["messages"]
+    system, message = body["messages"]  # the paper's chat: an empty system message, then the rubric
+    assert system == {"role": "system", "content": ""}
     assert message["role"] == "user"
     assert message["content"] == RUBRIC.format(question="q?", gold="gold",
                                                answer=_answer_of(body))
@@ -256,3 +257,185 @@ def test_make_judge_and_exact_match(tmp_path, serve):
 ])
 def test_parse_verdict(reply, verdict):
     assert parse_verdict(reply) == verdict
+
+
+# --- the paper's prompt and the local judge ---------------------------------------------------------
+
+# The paper's grader prompt as its code sends it (Revisit-Editing-Evaluation, easyeditor/evaluate/
+# evaluate_utils.py `llm_judge`, commit 6dcc555: a triple-quoted string, then `.strip()`), copied here
+# independently of judge.RUBRIC, with the paper's own placeholder names.
+PAPER_PROMPT = (
+    'Your job is to look at a question, a gold target, and a predicted answer, and then assign a grade of either '
+    '["CORRECT", "INCORRECT"].\n\nThe following are examples of CORRECT predicted answers.\n```\n'
+    "Question: What are the names of Barack Obama's children?\nGold target: Malia Obama and Sasha Obama\n"
+    "Predicted answer 1: sasha and malia obama\n"
+    "Predicted answer 2: Malia and Sasha Obama are the names of Barack Obama's children.\n```\n"
+    "These predicted answers are all CORRECT because:\n"
+    "    - They fully contain the important information in the gold target.\n"
+    "    - They do not contain any information that contradicts the gold target.\n\n"
+    "The following are examples of INCORRECT predicted answers.\n```\n"
+    "Question: What are the names of Barack Obama's children?\nGold target: Malia and Sasha\n"
+    "Predicted answer 1: Malia.\nPredicted answer 2: Malia, Sasha, and Susan.\n"
+    "Predicted answer 3: Malia and Sasha, Malia and Sasha, Malia and Sasha, Malia and Sasha (repeated answer)\n```\n"
+    "These predicted answers are all INCORRECT because:\n"
+    "    - A factual statement in the answer contradicts the gold target or contain repeated answer.\n\n\n"
+    "Here is a sample. Simply reply with either CORRECT or INCORRECT.\n\n```\n"
+    "Question: {question}\nGold target: {target}\nPredicted answer: {predicted_answer}\n```\n\n"
+    "According to the gold target, please grade the predicted answer of this question as one of:\n"
+    'A: CORRECT\nB: INCORRECT\n\nJust return the letters "A" or "B", with no text around it.'
+)
+# What spec 3.4a says the prompt holds (it paraphrases; these are its quoted parts).
+SPEC_FRAGMENTS = ("What are the names of Barack Obama's children?", "Malia Obama and Sasha Obama",
+                  "sasha and malia obama", "Malia and Sasha", "Malia.", "Malia, Sasha, and Susan",
+                  "Question: ", "Gold target: ", "Predicted answer: ", "A: CORRECT", "B: INCORRECT", '"A" or "B"')
+
+
+def test_rubric_is_the_papers_grader_prompt_word_for_word():
+    from mirage_jax.evaluation.judge import RUBRIC_VERSION, judge_messages
+
+    q, g, a = "Who wrote {x}?", "W. Shakespeare", "Shakespeare, {obviously}"
+    filled = RUBRIC.format(question=q, gold=g, answer=a)
+    assert filled == PAPER_PROMPT.format(question=q, target=g, predicted_answer=a)
+    for fragment in SPEC_FRAGMENTS:
+        assert fragment in filled, fragment
+    assert judge_messages(filled) == [{"role": "system", "content": ""}, {"role": "user", "content": filled}]
+    assert RUBRIC_VERSION == "2"  # verdicts cached under our old paraphrase (version 1) are not reused
+
+
+_TEMPLATE = ("{% for m in messages %}t2 {{ m['role'] }} {{ m['content'] }} t3\n{% endfor %}"
+             "{% if add_generation_prompt %}t2 assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tiny_judge_model(tmp_path_factory):
+    """The tiny llama with a word-level tokenizer whose last two ids are "A" and "B" and a chat
+    template: every rubric word is the unknown id, the "tN" words of the cases are themselves."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from mirage_jax.model import load_model
+    from tiny import save_tiny
+
+    d = save_tiny("llama", tmp_path_factory.mktemp("judge") / "ckpt", seed=3, attn_gain=5.0)
+    vocab = {f"t{i}": i for i in range(126)} | {"A": 126, "B": 127}
+    inner = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    inner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    word = lambda t: AddedToken(t, single_word=True, special=True)  # noqa: E731
+    tok = PreTrainedTokenizerFast(tokenizer_object=inner, unk_token=word("t0"), pad_token=word("t0"),
+                                  eos_token=word("t1"))
+    tok.chat_template = _TEMPLATE
+    tok.save_pretrained(str(d))
+    return load_model(d)
+
+
+# Answers of 1..31 words: the rows after the shared prefix fall in two length buckets (64, 128);
+# in batches of 4 the second batch has a filler row.
+LOCAL_CASES = [JudgeItem(f"t{10 + i} t{11 + i} t5", f"t{40 + i}", " ".join(f"t{20 + j}" for j in range(1 + 5 * i)))
+               for i in range(7)]
+
+
+def _slow_margin(model, item):
+    """The reference: the paper's messages through the template, one unpadded row, the full forward."""
+    import jax.numpy as jnp
+
+    from mirage_jax.model.transformer import forward
+
+    text = model.tokenizer.apply_chat_template(
+        [{"role": "system", "content": ""},
+         {"role": "user", "content": PAPER_PROMPT.format(question=item.question, target=item.gold,
+                                                         predicted_answer=item.answer)}],
+        add_generation_prompt=True, tokenize=False)
+    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    logits = forward(model.params, model.cfg, jnp.asarray([ids])).logits[0, -1]
+    return float(logits[126] - logits[127])
+
+
+def test_local_judge_equals_a_slow_per_item_reference(tiny_judge_model, tmp_path):
+    """Batched (4 per forward), left-padded, prefix-cached verdicts and margins equal one full
+    forward per item; a departure from the shared prefix is handled the same way."""
+    from mirage_jax.evaluation.judge import LocalJudge
+
+    cases = LOCAL_CASES[::2] + LOCAL_CASES[1::2]  # not in length order: batches are sorted, results must not be
+    judge = LocalJudge(tiny_judge_model, tmp_path / "v.jsonl", batch_size=4)
+    got = judge.judge_with_margins(cases)
+    want = [_slow_margin(tiny_judge_model, item) for item in cases]
+    assert judge.forwards == 2 and judge._letters == ((126,), (127,))
+    assert [m for _, m in got] == pytest.approx(want, abs=1e-4)
+    assert [v for v, _ in got] == [float(m > 0) for m in want]
+    # (this random model says B to everything; the default-model test sees both verdicts)
+    # A shared prefix one token longer than what the rows really share: each row keeps only
+    # the tokens it has in common and runs the rest, with the same result.
+    import jax.numpy as jnp
+
+    from mirage_jax.evaluation.judge import _prefix_cache
+
+    judge._prefix_ids = judge._prefix_ids + [99]
+    judge._prefix = _prefix_cache(tiny_judge_model.params, tiny_judge_model.cfg, jnp.asarray([judge._prefix_ids]))
+    assert judge.margins(cases) == pytest.approx(want, abs=1e-4)
+
+
+def test_local_judge_cache_hit_issues_no_forward_and_compiles_once_per_bucket(tiny_judge_model, tmp_path):
+    from mirage_jax.evaluation.judge import LocalJudge, _letter_logits
+
+    _letter_logits.clear_cache()  # count this test's compilations only
+    first = LocalJudge(tiny_judge_model, tmp_path / "v.jsonl", batch_size=4)
+    verdicts = first.judge_many(LOCAL_CASES + LOCAL_CASES[:2])  # repeats are judged once
+    assert first.forwards == 2
+    assert _letter_logits._cache_size() == 2  # rows after the shared prefix: 4 in bucket 64, 3 in bucket 128
+    other = [JudgeItem(c.question, c.gold, c.answer + " t9") for c in LOCAL_CASES]  # same buckets, new items
+    first.judge_many(other)
+    assert _letter_logits._cache_size() == 2 and first.forwards == 4
+    entries = [json.loads(x) for x in (tmp_path / "v.jsonl").read_text().splitlines()]
+    assert len(entries) == 14 and all(e["reply"] == "AB"[e["verdict"] == 0.0] for e in entries)
+    assert all((e["margin"] > 0) == (e["verdict"] == 1.0) for e in entries)
+
+    again = LocalJudge("never/loaded", tmp_path / "v.jsonl")  # a second run: verdicts from the cache
+    again.name = first.name
+    assert again.judge_with_margins(LOCAL_CASES) == first.judge_with_margins(LOCAL_CASES)
+    assert again.judge_many(LOCAL_CASES + LOCAL_CASES[:2]) == verdicts
+    assert again.forwards == 0 and again._model is None  # no forward, the model never even loaded
+
+
+def test_local_judge_default_model_letters_template_and_reference(default_model):
+    """SmolLM2 starts its reply after "<|im_start|>assistant\\n" with "A"; " A" is a token too and is
+    pooled. The empty system message replaces the template's default system prompt."""
+    from mirage_jax.evaluation.judge import LocalJudge, judge_chat_prompt
+
+    tok = default_model.tokenizer
+    judge = LocalJudge(default_model)
+    items = [JudgeItem("Who wrote Hamlet?", "William Shakespeare", "Shakespeare"),
+             JudgeItem("Capital of France?", "Paris",
+                       "Lyon, a city in France, is the capital of France and the biggest city")]
+    margins = judge.margins(items)
+    assert judge.judge_many(items) == [1.0, 0.0]  # margins +0.08 and -0.04: sensible here, rarely so (BUILD_NOTES)
+    letters = tuple(tuple(tok.convert_ids_to_tokens(list(ids))) for ids in judge._letters)
+    assert letters == (("A", "ĠA"), ("B", "ĠB"))
+    prompt = judge_chat_prompt(tok, items[0])
+    assert prompt.startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\nYour job is")
+    assert prompt.endswith('with no text around it.<|im_end|>\n<|im_start|>assistant\n')
+
+    import jax.numpy as jnp
+    import numpy as np
+
+    from mirage_jax.model.transformer import forward
+
+    (a, a_space), (b, b_space) = judge._letters
+    for item, margin in zip(items, margins):
+        ids = tok(judge_chat_prompt(tok, item), add_special_tokens=False)["input_ids"]
+        logits = np.asarray(forward(default_model.params, default_model.cfg, jnp.asarray([ids])).logits[0, -1],
+                            np.float64)
+        want = np.logaddexp(logits[a], logits[a_space]) - np.logaddexp(logits[b], logits[b_space])
+        assert margin == pytest.approx(want, abs=1e-3)
+
+
+def test_make_local_judge_and_bad_settings(tmp_path):
+    from mirage_jax.evaluation.judge import LocalJudge
+
+    judge = make_judge("local", None, None, tmp_path / "c.jsonl", batch_size=8)
+    assert isinstance(judge, LocalJudge) and judge.name == "local:default" and judge.batch_size == 8
+    assert make_judge("llm", None, "http://127.0.0.1:9/v1").name == "llm:gpt-4o-mini"
+    with pytest.raises(JudgeError, match="judge_base_url"):
+        make_judge("local", "default", "http://127.0.0.1:9/v1")
+    with pytest.raises(JudgeError) as err:
+        make_judge("gpt4")
+    assert "local" in str(err.value)

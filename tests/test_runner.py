@@ -316,3 +316,51 @@ def test_launch_reads_the_shipped_dataset_without_data_path(tmp_path):
     row = json.loads(results.read_text().splitlines()[0])
     first = datasets.load_dataset("qaedit", ds_size=1).requests[0]
     assert row["requested_rewrite"]["prompt"] == first.prompt and first.target_new == "Wilt Chamberlain *"
+
+
+@pytest.mark.parametrize("mode", ["sequential", "batch"])
+def test_eval_at_point_equals_a_separate_run_of_that_many_edits(wild_setup, tmp_path, monkeypatch, mode):
+    """The curve point after 10 edits equals the summary of a separate 10-edit run, value for value;
+    the last point is the run's own summary; a resumed run re-edits but does not re-evaluate the
+    points already in `<run>_curve.jsonl`.
+
+    Planted bugs this catches: a point evaluated before its last chunk is applied (or after the
+    next one); a point over only the last chunk instead of every request edited so far; a resume
+    that recomputes (or loses) the streamed points."""
+    model, _ = wild_setup
+    data = tmp_path / "edits.json"
+    data.write_text(json.dumps(_tiny_records(12)))
+    reqs = list(datasets.load_qaedit(data).requests)
+    kw = {"edit_mode": mode, "batch_size": 2, "evaluation": "both"}
+    rc = _rc(data, tmp_path / "curve", eval_at=(4, 10, 12), **kw)
+    results = _results_path(rc)
+    with monkeypatch.context() as m:  # killed during the final evaluation, after the points at 4 and 10
+        m.setattr(runner, "_append", _dies_writing_line(results, 1, runner._append))
+        with pytest.raises(_Killed):
+            run(model, reqs, DRIFT_EDIT, None, rc, ExactMatchJudge())
+    curve_file = Path(rc.output_dir) / f"{rc.run_name}_curve.jsonl"
+    assert [p["n_edits"] for p in _rows(curve_file)] == [4, 10]
+    points = []
+    monkeypatch.setattr(runner, "curve_point", lambda *a: points.append(a[-1]))
+    summary = run(model, reqs, DRIFT_EDIT, None, dataclasses.replace(rc, resume=True), ExactMatchJudge())
+    assert points == []  # the streamed points were read back, not evaluated again
+    assert [p["n_edits"] for p in summary["curve"]] == [4, 10, 12] and _rows(curve_file) == summary["curve"]
+
+    ten = run(model, reqs[:10], DRIFT_EDIT, None, _rc(data, tmp_path / "ten", **kw), ExactMatchJudge())
+    curve = {p["n_edits"]: p for p in summary["curve"]}
+    assert curve[10] == {"n_edits": 10, "wild": ten["post"]["wild"], "synthetic": ten["post"]["synthetic"]}
+    assert curve[12] == {"n_edits": 12, "wild": summary["post"]["wild"], "synthetic": summary["post"]["synthetic"]}
+    assert curve[4] != curve[10]  # the premise: more edits move the figures
+
+
+def test_eval_at_is_refused_where_it_cannot_hold(tiny_setup, tmp_path):
+    model, data = tiny_setup
+    with pytest.raises(RunError, match="sequential or batch"):
+        _rc(data, tmp_path, eval_at=(2,))
+    with pytest.raises(RunError, match="multiples of batch_size=2"):
+        _rc(data, tmp_path, edit_mode="batch", batch_size=2, eval_at=(3,))
+    with pytest.raises(RunError, match="increasing"):
+        _rc(data, tmp_path, edit_mode="sequential", eval_at=(4, 2))
+    reqs = list(datasets.load_qaedit(data).requests)
+    with pytest.raises(RunError, match="exceeds the 5 requests"):
+        run(model, reqs, DRIFT_EDIT, None, _rc(data, tmp_path, edit_mode="sequential", eval_at=(6,)), ExactMatchJudge())

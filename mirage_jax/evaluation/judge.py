@@ -1,10 +1,11 @@
-"""Judges that score a generated answer against the gold target: exact match or an LLM.
+"""Judges that score a generated answer against the gold target: exact match, an LLM behind an
+API, or a local model run through our own forward.
 
-Both have `judge_many(items) -> list[float | None]`: 1.0 correct, 0.0 incorrect, None unjudged.
+All have `judge_many(items) -> list[float | None]`: 1.0 correct, 0.0 incorrect, None unjudged.
 
-The LLM judge follows the paper (spec 3.4a): gpt-4o-mini, temperature 0, one user message with
-a SimpleQA-style rubric, reply "A" (CORRECT) or "B" (INCORRECT). What it does beyond the seed
-(spec 7.16):
+The LLM judge follows the paper (spec 3.4a): gpt-4o-mini, temperature 0, an empty system message
+and the paper's SimpleQA-style grader prompt (`RUBRIC`, word for word) as the user message, reply
+"A" (CORRECT) or "B" (INCORRECT). What it does beyond the seed (spec 7.16):
 * the API key comes only from the environment (OPENAI_API_KEY); it is never an argument, never
   logged, never written to the cache;
 * one client, a timeout per request, retries with exponential backoff on timeouts, connection
@@ -15,12 +16,17 @@ a SimpleQA-style rubric, reply "A" (CORRECT) or "B" (INCORRECT). What it does be
   answer). Only real verdicts are cached: unjudged items are asked again next time;
 * a judge that cannot be reached, or whose reply cannot be parsed, gives None for that item
   (with a warning). It never falls back to exact match.
+
+The local judge (`LocalJudge`) sends the same messages through a local model's own chat template
+and reads the verdict from the next-token logits of "A" vs "B" instead of generating: one batched
+forward per batch of answers, deterministic, no key, no network. Same cache (with the margin).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -30,46 +36,73 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import jinja2
+import numpy as np
 
 from mirage_jax.evaluation.answers import exact_match
+from mirage_jax.model.transformer import KVCache, forward, init_cache, unembed
+from mirage_jax.tokens import bucket
 
 log = logging.getLogger(__name__)
 
-JUDGE_KINDS = ("exact_match", "llm")
+JUDGE_KINDS = ("exact_match", "llm", "local")
 DEFAULT_JUDGE_MODEL = "gpt-4o-mini"
+DEFAULT_LOCAL_JUDGE_MODEL = "default"  # load_model's embedded SmolLM2-135M-Instruct: mechanics, not verdicts
 API_KEY_ENV = "OPENAI_API_KEY"
 
-# Bump when RUBRIC changes: cached verdicts given under another rubric are not reused.
-RUBRIC_VERSION = "1"
+# Bump when RUBRIC (or the messages around it) changes: cached verdicts given under another rubric
+# are not reused. Version 1 was our paraphrase of the paper's prompt; version 2 is the paper's own.
+RUBRIC_VERSION = "2"
+# The paper's grader prompt word for word (Revisit-Editing-Evaluation, easyeditor/evaluate/
+# evaluate_utils.py `llm_judge`, commit 6dcc555; adapted by the authors from the SimpleQA grader),
+# sent as the user message after an empty system message. Only the placeholder names differ
+# ({target} -> {gold}, {predicted_answer} -> {answer}); the backslash joins the first line.
 RUBRIC = """\
-You will see a question, its gold target and a predicted answer. Decide whether the predicted \
-answer is CORRECT or INCORRECT.
+Your job is to look at a question, a gold target, and a predicted answer, and then assign a grade of either \
+["CORRECT", "INCORRECT"].
 
-A predicted answer is CORRECT when it contains everything the gold target says and nothing that \
-contradicts it. Letter case, word order, punctuation and extra words that do not change the \
-meaning do not matter. For the question "What are the names of Barack Obama's children?" with \
-the gold target "Malia Obama and Sasha Obama", these are CORRECT:
-- sasha and malia obama
-- Barack Obama has two daughters: Malia Ann and Natasha Marian, who is usually called Sasha \
-(Malia Obama and Sasha Obama).
-Both give the full gold information and add nothing that conflicts with it.
+The following are examples of CORRECT predicted answers.
+```
+Question: What are the names of Barack Obama's children?
+Gold target: Malia Obama and Sasha Obama
+Predicted answer 1: sasha and malia obama
+Predicted answer 2: Malia and Sasha Obama are the names of Barack Obama's children.
+```
+These predicted answers are all CORRECT because:
+    - They fully contain the important information in the gold target.
+    - They do not contain any information that contradicts the gold target.
 
-A predicted answer is INCORRECT when it leaves out part of the gold target, states something \
-that contradicts it, or repeats the answer over and over. For the same question with the gold \
-target "Malia and Sasha", these are INCORRECT:
-- Malia.
-- Malia, Sasha, and Susan.
-- Malia and Sasha Malia and Sasha Malia and Sasha Malia and Sasha.
-The first misses a name, the second adds a wrong one, the third repeats itself.
+The following are examples of INCORRECT predicted answers.
+```
+Question: What are the names of Barack Obama's children?
+Gold target: Malia and Sasha
+Predicted answer 1: Malia.
+Predicted answer 2: Malia, Sasha, and Susan.
+Predicted answer 3: Malia and Sasha, Malia and Sasha, Malia and Sasha, Malia and Sasha (repeated answer)
+```
+These predicted answers are all INCORRECT because:
+    - A factual statement in the answer contradicts the gold target or contain repeated answer.
 
-Grade this one:
+
+Here is a sample. Simply reply with either CORRECT or INCORRECT.
+
+```
 Question: {question}
 Gold target: {gold}
 Predicted answer: {answer}
+```
 
-Reply with one letter: "A" for CORRECT or "B" for INCORRECT. Give only the letter.
-"""
+According to the gold target, please grade the predicted answer of this question as one of:
+A: CORRECT
+B: INCORRECT
+
+Just return the letters "A" or "B", with no text around it."""
+# The paper's messages: an empty system message, then the filled rubric as the user turn.
+SYSTEM_MESSAGE = ""
 
 
 class JudgeError(ValueError):
@@ -127,6 +160,11 @@ def parse_verdict(reply: str | None) -> float | None:
     return from_letter if from_letter is not None else from_word
 
 
+def judge_messages(prompt: str) -> list[dict[str, str]]:
+    """The paper's chat: an empty system message, then the filled rubric as the user turn."""
+    return [{"role": "system", "content": SYSTEM_MESSAGE}, {"role": "user", "content": prompt}]
+
+
 def cache_key(model: str, item: JudgeItem) -> str:
     payload = json.dumps([RUBRIC_VERSION, model, item.question, item.gold, item.answer],
                          ensure_ascii=False)
@@ -139,6 +177,7 @@ class VerdictCache:
     def __init__(self, path: str | Path | None):
         self.path = None if path is None else Path(path)
         self._verdicts: dict[str, float] = {}
+        self._margins: dict[str, float] = {}  # local judge: logit margin of "A" over "B"
         self._lock = threading.Lock()
         if self.path is not None and self.path.exists():
             with self.path.open(encoding="utf-8") as f:
@@ -146,17 +185,27 @@ class VerdictCache:
                     try:
                         entry = json.loads(line)
                         self._verdicts[entry["key"]] = float(entry["verdict"])
+                        if entry.get("margin") is not None:
+                            self._margins[entry["key"]] = float(entry["margin"])
                     except (ValueError, KeyError, TypeError):
                         log.warning("judge cache %s: ignoring unreadable line %d", self.path, lineno)
 
     def get(self, key: str) -> float | None:
         return self._verdicts.get(key)
 
-    def put(self, key: str, verdict: float, model: str, item: JudgeItem, reply: str) -> None:
+    def margin(self, key: str) -> float | None:
+        return self._margins.get(key)
+
+    def put(self, key: str, verdict: float, model: str, item: JudgeItem, reply: str,
+            margin: float | None = None) -> None:
         entry = {"key": key, "verdict": verdict, "model": model, "question": item.question,
                  "gold": item.gold, "answer": item.answer, "reply": reply}
+        if margin is not None:
+            entry["margin"] = margin
         with self._lock:
             self._verdicts[key] = verdict
+            if margin is not None:
+                self._margins[key] = margin
             if self.path is not None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 with self.path.open("a", encoding="utf-8") as f:
@@ -242,7 +291,7 @@ class LLMJudge:
             try:
                 response = self._client.chat.completions.create(
                     model=self.model, temperature=0.0,
-                    messages=[{"role": "user", "content": prompt}])
+                    messages=judge_messages(prompt))
                 return response.choices[0].message.content or ""
             except (openai.APITimeoutError, openai.APIConnectionError) as e:
                 problem = type(e).__name__
@@ -277,14 +326,218 @@ def _retry_after_s(response) -> float | None:
         return None
 
 
-def make_judge(kind: str, model: str = DEFAULT_JUDGE_MODEL, base_url: str | None = None,
-               cache_path: str | Path | None = None, **llm_options) -> Judge:
-    """'exact_match' -> ExactMatchJudge (other arguments unused); 'llm' -> LLMJudge.
+# --- the local judge ---------------------------------------------------------------------------
 
-    `llm_options`: timeout_s, max_retries, backoff_s, backoff_max_s, max_workers.
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _prefix_cache(params: Any, cfg: Any, tokens: jax.Array) -> KVCache:
+    """Keys/values `[1, L, ...]` of the rubric's shared opening, computed once per judge."""
+    dtype = jax.tree_util.tree_leaves(params)[0].dtype
+    cache = init_cache(cfg, 1, tokens.shape[1], dtype)
+    return forward(params, cfg, tokens, cache=cache, cache_index=0, return_logits=False).cache
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _letter_logits(params: Any, cfg: Any, prefix: KVCache, tokens: jax.Array, mask: jax.Array,
+                   positions: jax.Array, letter_ids: jax.Array) -> jax.Array:
+    """Next-token logits `[B, K]` at `letter_ids` after each row of prefix + left-padded suffix.
+
+    The cache holds the shared prefix in slots `[0, L)` (the same for every row) and the suffix
+    rows, left-padded to `S`, go to slots `[L, L + S)`; `mask` `[B, L + S]` says which slots a row
+    sees (a row whose tokenisation departs from the shared prefix early hides the rest of it) and
+    `positions` `[B, S]` continue each row from the prefix tokens it kept. The stack runs without
+    the LM head, which is applied to the last position only.
+    """
+    b, s = tokens.shape
+    grow = lambda x: jnp.concatenate(  # noqa: E731
+        [jnp.broadcast_to(x, (b, *x.shape[1:])), jnp.zeros((b, s, *x.shape[2:]), x.dtype)], axis=1)
+    cache = KVCache([grow(k) for k in prefix.k], [grow(v) for v in prefix.v])
+    hidden = forward(params, cfg, tokens, attn_mask=mask, positions=positions, cache=cache,
+                     cache_index=prefix.k[0].shape[1], return_logits=False).hidden
+    return unembed(params, cfg, hidden[:, -1:])[:, 0][:, letter_ids]
+
+
+def judge_chat_prompt(tokenizer: Any, item: JudgeItem) -> str:
+    """The paper's messages in the judge model's own chat template, ending where its reply starts.
+
+    A template that refuses a system role (Gemma's) gets the user turn alone; the system message
+    is empty anyway, and what matters is that no default system prompt is slipped in where the
+    paper sent an empty one (SmolLM2's and Qwen2.5's templates add one when there is none).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise JudgeError("the local judge needs an instruction model with a chat template; this tokenizer has none")
+    messages = judge_messages(RUBRIC.format(question=item.question, gold=item.gold, answer=item.answer))
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except jinja2.TemplateError:  # "System role not supported"
+        return tokenizer.apply_chat_template(messages[1:], add_generation_prompt=True, tokenize=False)
+
+
+def letter_token_ids(tokenizer: Any, prompt: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The token ids of "A" and of "B" as the model would emit them first in its reply.
+
+    Both spellings, "A" and " A", are taken when each is one token right after the prompt (in
+    context: prompt + letter must tokenise as the prompt's ids + one id), and their logits are
+    pooled (log-sum-exp). Why both: byte-level BPE chat models start a reply after the template's
+    newline with "A" (SmolLM2, Llama-3, Qwen2.5), but SentencePiece ones (Llama-2's "[/INST]")
+    start it with "▁A"; pooling reads "the reply begins with the letter A" whatever the spelling,
+    as the API judge's parser does, and a spelling the model never uses adds ~nothing.
+    """
+    base = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    out = []
+    for letter in "AB":
+        ids = []
+        for spelling in (letter, " " + letter):
+            full = tokenizer(prompt + spelling, add_special_tokens=False)["input_ids"]
+            if len(full) == len(base) + 1 and list(full[: len(base)]) == list(base) and full[-1] not in ids:
+                ids.append(int(full[-1]))
+        if not ids:
+            raise JudgeError(f"the judge model's tokenizer has no single token for {letter!r} after its chat prompt")
+        out.append(tuple(ids))
+    if set(out[0]) & set(out[1]):
+        raise JudgeError('the judge model\'s tokenizer gives "A" and "B" the same token (an unknown-word id?)')
+    return out[0], out[1]
+
+
+class LocalJudge:
+    """Grades answers with a local instruction model: the paper's prompt, the verdict read from logits.
+
+    verdict = 1.0 iff log p(A) > log p(B) for the first reply token (see `letter_token_ids`);
+    margin = log p(A) - log p(B), stored in the cache beside the verdict: how sure the judge was.
+    Greedy decoding would emit "A" exactly when its logit beats every other token's; reading only
+    A vs B instead never leaves an item unjudged and costs one forward per batch, no decoding.
+
+    Why it is fast: about three quarters of every prompt (the template's opening and the rubric up
+    to the sample) is the same for all answers, so its keys/values are computed once and every
+    batch runs only the rest (question, gold, answer, instruction: ~90 tokens instead of ~380
+    with SmolLM2). The rest is sorted by length and left-padded to power-of-two buckets (length
+    >= 16, batch <= the bucket of `batch_size`), so a few programs serve every batch; `params` is
+    a traced argument, so the forward works as it is on parameters placed on a mesh.
+
+    `model` is `load_model`'s argument (HF directory, .gguf file or "default"), loaded lazily, once,
+    on the first cache miss, so a run whose verdicts are all cached never loads it; or a loaded
+    `Model` (a notebook, a test).
+    """
+
+    def __init__(self, model: Any = DEFAULT_LOCAL_JUDGE_MODEL, cache_path: str | Path | None = None,
+                 batch_size: int = 16, dtype: str = "float32"):
+        if batch_size < 1:
+            raise JudgeError("LocalJudge needs batch_size >= 1")
+        loaded = not isinstance(model, (str, Path))
+        self.model_path = model.name if loaded else str(model)
+        self.name = f"local:{self.model_path}"  # also the cache's model key
+        self.batch_size = batch_size  # answers per forward
+        self.dtype = dtype  # the judge model's parameter dtype
+        self.cache = VerdictCache(cache_path)
+        self.forwards = 0  # batched forwards issued so far (a fully cached call issues none)
+        self._model: Any = None
+        self._letters: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
+        self._prefix_ids: list[int] = []  # the shared opening of every judge prompt
+        self._prefix: KVCache | None = None
+        self._given = model if loaded else None
+
+    def _load(self) -> Any:
+        if self._model is None:
+            from mirage_jax.model import load_model
+
+            model = self._given if self._given is not None else load_model(self.model_path, dtype=self.dtype)
+            tok = model.tokenizer
+            self._letters = letter_token_ids(tok, judge_chat_prompt(tok, JudgeItem("?", "?", "?")))
+            # The shared opening ends at the line break before the question (a token boundary for
+            # every tokenizer we know; `margins` checks each row anyway).
+            slot = "\u2063QUESTION\u2063"
+            probe = judge_chat_prompt(tok, JudgeItem(slot, "?", "?"))
+            opening = probe[: probe.rfind("\n", 0, probe.index(slot)) + 1]
+            self._prefix_ids = list(tok(opening, add_special_tokens=False)["input_ids"])
+            if not self._prefix_ids:
+                raise JudgeError("the judge model's chat template puts nothing before the rubric's sample")
+            self._prefix = _prefix_cache(model.params, model.cfg, jnp.asarray([self._prefix_ids], jnp.int32))
+            self._model = model
+        return self._model
+
+    def judge_many(self, items: Sequence[JudgeItem]) -> list[float | None]:
+        return [verdict for verdict, _ in self.judge_with_margins(items)]
+
+    def judge_with_margins(self, items: Sequence[JudgeItem]) -> list[tuple[float, float | None]]:
+        """(verdict, margin) per item; cached items issue no forward (margin None when the cached
+        verdict came from a judge that stores none)."""
+        keys = [cache_key(self.name, item) for item in items]
+        todo: dict[str, JudgeItem] = {}
+        for key, item in zip(keys, items):
+            if self.cache.get(key) is None:
+                todo.setdefault(key, item)  # identical items are judged once
+        if todo:
+            margins = self.margins(list(todo.values()))
+            for (key, item), margin in zip(todo.items(), margins):
+                verdict = float(margin > 0)
+                self.cache.put(key, verdict, self.name, item, "A" if verdict else "B", margin=margin)
+        return [(self.cache.get(k), self.cache.margin(k)) for k in keys]  # type: ignore[misc]
+
+    def margins(self, items: Sequence[JudgeItem]) -> list[float]:
+        """log p(A) - log p(B) for each item (no cache), in batches of `batch_size`."""
+        if not items:
+            return []
+        model = self._load()
+        tok, (a_ids, b_ids), prefix_ids = model.tokenizer, self._letters, self._prefix_ids
+        n_prefix = len(prefix_ids)
+        rows, kept = [], []  # per item: the tokens after the shared prefix, and how many prefix tokens it keeps
+        for item in items:
+            ids = list(tok(judge_chat_prompt(tok, item), add_special_tokens=False)["input_ids"])
+            keep = next((j for j, (x, y) in enumerate(zip(ids[:n_prefix], prefix_ids)) if x != y),
+                        min(n_prefix, len(ids) - 1))
+            keep = min(keep, len(ids) - 1)  # at least one token runs in the batch: its logits are read
+            rows.append(ids[keep:])
+            kept.append(keep)
+        longest = max(k + len(r) for k, r in zip(kept, rows))
+        if model.cfg.learned_positions and longest > model.cfg.max_position_embeddings:
+            raise JudgeError(f"a judge prompt of {longest} tokens exceeds the judge model's "
+                             f"{model.cfg.max_position_embeddings} positions")
+        letter_ids = jnp.asarray(a_ids + b_ids, jnp.int32)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths share a bucket
+        out = np.zeros(len(rows), np.float64)
+        for s in range(0, len(order), self.batch_size):
+            idx = order[s : s + self.batch_size]
+            batch = min(bucket(len(idx), 1), bucket(self.batch_size, 1))
+            length = bucket(max(len(rows[i]) for i in idx))
+            tokens = np.full((batch, length), pad, np.int32)
+            mask = np.zeros((batch, n_prefix + length), np.int32)
+            positions = np.zeros((batch, length), np.int32)
+            for r, i in enumerate(idx):
+                n = len(rows[i])
+                tokens[r, length - n:] = rows[i]
+                mask[r, : kept[i]] = 1
+                mask[r, n_prefix + length - n:] = 1
+                positions[r, length - n:] = kept[i] + np.arange(n)
+            mask[len(idx):, -1] = 1  # filler rows: one visible token keeps their softmax finite
+            logits = _letter_logits(model.params, model.cfg, self._prefix, jnp.asarray(tokens), jnp.asarray(mask),
+                                    jnp.asarray(positions), letter_ids)
+            logits = np.asarray(logits, np.float64)[: len(idx)]
+            self.forwards += 1
+            k = len(a_ids)
+            out[idx] = _logsumexp(logits[:, :k]) - _logsumexp(logits[:, k:])
+        return [float(m) for m in out]
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    top = x.max(axis=-1)
+    return top + np.log(np.exp(x - top[:, None]).sum(axis=-1))
+
+
+def make_judge(kind: str, model: str | None = None, base_url: str | None = None,
+               cache_path: str | Path | None = None, **options) -> Judge:
+    """'exact_match' -> ExactMatchJudge (other arguments unused); 'llm' -> LLMJudge; 'local' -> LocalJudge.
+
+    `model`: the API model name for 'llm' (default gpt-4o-mini), `load_model`'s argument for 'local'
+    (an HF directory, a .gguf file or "default"). `options`: for 'llm' timeout_s, max_retries,
+    backoff_s, backoff_max_s, max_workers; for 'local' batch_size, dtype.
     """
     if kind == "exact_match":
         return ExactMatchJudge()
     if kind == "llm":
-        return LLMJudge(model=model, base_url=base_url, cache_path=cache_path, **llm_options)
+        return LLMJudge(model=model or DEFAULT_JUDGE_MODEL, base_url=base_url, cache_path=cache_path, **options)
+    if kind == "local":
+        if base_url is not None:
+            raise JudgeError("--judge_base_url is for --judge=llm; the local judge runs --judge_model itself")
+        return LocalJudge(model=model or DEFAULT_LOCAL_JUDGE_MODEL, cache_path=cache_path, **options)
     raise JudgeError(f"unknown judge kind {kind!r}; valid: {', '.join(JUDGE_KINDS)}")
