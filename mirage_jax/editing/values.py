@@ -23,6 +23,15 @@ All requests of a batch and all their templates are one padded batch; the optimi
 δ_i is one jitted ``lax.while_loop``. Requests are independent: the total loss is Σ_i L_i (so
 δ_i's gradient is that of L_i alone) and a request that reached its stop rule is frozen, exactly
 as if it had been optimised on its own.
+
+Speed (BUILD_NOTES, "Edit speed vs the PyTorch reference"): rows are left-padded, so every
+row's subject-last token lies in the last S positions (S = T − min subject_last, bucketed). Attention
+is causal, so the positions before those S never see δ: their keys and values at layers ℓ+1..
+are computed once (a KV cache filled at δ = 0) and each step runs layers ℓ+1.. on the last S
+positions only (``suffix``; ``suffix=False`` recomputes all T, the straightforward form the tests
+compare it with). And only the positions that are read go through the LM head: one packed list
+of (row, position) reads -- each target token of each templated row, and each request's KL
+position -- instead of every row x every target slot.
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ import optax
 from mirage_jax.editing.locate import SubjectBatch, SubjectRow, locate_batch
 from mirage_jax.editing.templates import template_prefix
 from mirage_jax.model.config import ModelConfig
-from mirage_jax.model.transformer import forward, positions_from_mask, unembed
+from mirage_jax.model.transformer import KVCache, forward, positions_from_mask, unembed
 from mirage_jax.tokens import bucket
 
 V_SITES = ("mlp_out", "residual")
@@ -68,16 +77,29 @@ class ValueSettings(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class ValueProblem:
-    """Host-side arrays of one value optimisation (all static-shaped)."""
+    """Host-side arrays of one value optimisation (all static-shaped).
+
+    The loss reads the next-token distribution at P (row, position) pairs, packed: every target
+    token of every templated row (an NLL read, weighted so that a request's NLL is the mean over
+    its templates of the mean over its target tokens) and each request's KL position; the rest
+    is filler (weight 0)."""
 
     batch: SubjectBatch  # rows: each request x each template, then one KL row per request
     row_request: np.ndarray  # [B] int32 request of each row (0 on filler rows)
-    is_nll: np.ndarray  # [B] bool: a templated prompt + target row
-    is_kl: np.ndarray  # [B] bool: the request's "{subject} is a" row
     init_row: np.ndarray  # [N] int32 the request's plain-prompt row (where v_init is read)
-    pred_pos: np.ndarray  # [B, K] int32 positions whose logits predict a target token
-    labels: np.ndarray  # [B, K] int32 the target token they predict
-    label_mask: np.ndarray  # [B, K] float32
+    read_row: np.ndarray  # [P] int32 row of each read
+    read_pos: np.ndarray  # [P] int32 position whose next-token distribution is read
+    read_label: np.ndarray  # [P] int32 the target token an NLL read predicts (0 otherwise)
+    read_request: np.ndarray  # [P] int32 request of each read (0 on filler)
+    nll_weight: np.ndarray  # [P] float32 1 / (target tokens x templates) on NLL reads, else 0
+    is_kl: np.ndarray  # [P] bool the request's KL read ("{subject} is a" at the subject's last token)
+
+    def suffix_length(self) -> int:
+        """S: the last S positions hold every row's subject-last token (so everything δ can
+        change), bucketed to a power of two >= 4 (few shapes) and at most T."""
+        b = self.batch
+        t = b.tokens.shape[1]
+        return min(t, bucket(t - int(b.subject_last[: b.n_rows].min()), 4))
 
 
 class ValueResult(NamedTuple):
@@ -109,21 +131,19 @@ def build_problem(tokenizer: Any, prompts: Sequence[str], subjects: Sequence[str
     row_request = np.zeros((b,), np.int32)
     row_request[: n * m] = np.repeat(np.arange(n), m)
     row_request[n * m : n * m + n] = np.arange(n)
-    is_nll = np.zeros((b,), bool)
-    is_nll[: n * m] = True
-    is_kl = np.zeros((b,), bool)
-    is_kl[n * m : n * m + n] = True
-    k = bucket(int(batch.target_mask.sum(-1).max()), 4)
-    pred_pos = np.zeros((b, k), np.int32)
-    labels = np.zeros((b, k), np.int32)
-    label_mask = np.zeros((b, k), np.float32)
+    reads: list[tuple[int, int, int, int, float, bool]] = []  # (row, pos, label, request, weight, kl)
     for r in range(n * m):
         pos = np.nonzero(batch.target_mask[r])[0]
-        pred_pos[r, : len(pos)] = pos - 1  # the logits at t-1 predict token t
-        labels[r, : len(pos)] = batch.tokens[r, pos]
-        label_mask[r, : len(pos)] = 1
-    return ValueProblem(batch, row_request, is_nll, is_kl, np.arange(n, dtype=np.int32) * m, pred_pos, labels,
-                        label_mask)
+        reads += [(r, p - 1, int(batch.tokens[r, p]), r // m, 1.0 / (len(pos) * m), False)  # logits at t-1 predict t
+                  for p in pos]
+    reads += [(n * m + i, int(batch.subject_last[n * m + i]), 0, i, 0.0, True) for i in range(n)]
+    size = bucket(len(reads), 8)
+    t = batch.tokens.shape[1]
+    reads += [(n * m, t - 1, 0, 0, 0.0, False)] * (size - len(reads))  # filler: weight 0, no KL
+    row, pos, label, req, weight, kl = (np.asarray(c) for c in zip(*reads))
+    return ValueProblem(batch, row_request, np.arange(n, dtype=np.int32) * m, row.astype(np.int32),
+                        pos.astype(np.int32), label.astype(np.int32), req.astype(np.int32),
+                        weight.astype(np.float32), kl.astype(bool))
 
 
 def _safe_norm(x: jax.Array) -> jax.Array:
@@ -132,39 +152,58 @@ def _safe_norm(x: jax.Array) -> jax.Array:
     return jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "vs"))
-def _optimise(params, cfg: ModelConfig, vs: ValueSettings, tokens, attn_mask, subject_last, row_request, is_nll,
-              is_kl, init_row, pred_pos, labels, label_mask):
+@functools.partial(jax.jit, static_argnames=("cfg", "vs", "suffix"))
+def _optimise(params, cfg: ModelConfig, vs: ValueSettings, suffix: int, tokens, attn_mask, subject_last, row_request,
+              init_row, read_row, read_pos, read_label, read_request, nll_weight, is_kl):
     n = init_row.shape[0]
     layer = vs.layer
+    t = tokens.shape[1]
+    start = t - suffix  # positions < start never see δ (causal attention, δ enters at >= start)
     first = forward(params, cfg, tokens, attn_mask=attn_mask, stop_layer=layer + 1, reads=((vs.site, layer),))
     hidden = jax.lax.stop_gradient(first.hidden)  # residual leaving layer ℓ, [B, T, D]
     site = first.reads[(vs.site, layer)]
     v_init = site[init_row, subject_last[init_row]].astype(jnp.float32)  # [N, D]
     positions = positions_from_mask(attn_mask)
-    at_subject = jax.nn.one_hot(subject_last, tokens.shape[1], dtype=hidden.dtype)[:, :, None]  # [B, T, 1]
-    read_pos = jnp.concatenate([pred_pos, subject_last[:, None]], axis=1)  # [B, K + 1]
-    seg = jax.nn.one_hot(row_request, n, dtype=jnp.float32)  # [B, N]
-    nll_seg, kl_seg = seg * is_nll[:, None], seg * is_kl[:, None]
+    at_subject = jax.nn.one_hot(subject_last - start, suffix, dtype=hidden.dtype)[:, :, None]  # [B, S, 1]
+    seg = jax.nn.one_hot(read_request, n, dtype=jnp.float32)  # [P, N]
+    kl_seg = seg * is_kl[:, None]
 
-    def log_probs(delta):
-        x = hidden + at_subject * delta[row_request][:, None, :].astype(hidden.dtype)
-        out = forward(params, cfg, None, attn_mask=attn_mask, positions=positions, start_layer=layer + 1,
-                      hidden=x, return_logits=False).hidden
-        picked = jnp.take_along_axis(out, read_pos[:, :, None], axis=1)  # only the logits we need
-        return jax.nn.log_softmax(unembed(params, cfg, picked), axis=-1)  # [B, K + 1, V]
+    def upper(x, **kw):  # layers ℓ+1.. on x: [B, T, D], or [B, S, D] (the last S positions) with a cache
+        return forward(params, cfg, None, attn_mask=attn_mask, start_layer=layer + 1, hidden=x, return_logits=False,
+                       **kw)
 
-    kl_init = log_probs(jnp.zeros_like(v_init))[:, -1]
+    if suffix == t:
+        prefix = None
+        out0 = upper(hidden, positions=positions).hidden
+    else:
+        # One pass at δ = 0 fills the keys/values of layers ℓ+1.. at every position; a step
+        # overwrites slots start.. with its own and reads the rest (the unchanged prefix).
+        dtype = hidden.dtype
+        empty = [None] * (layer + 1) + [jnp.zeros((tokens.shape[0], t, cfg.num_kv_heads, cfg.head_dim), dtype)
+                                        for _ in range(layer + 1, cfg.num_layers)]
+        zero = upper(hidden, positions=positions, cache=KVCache(list(empty), list(empty)), cache_index=0)
+        prefix = jax.tree_util.tree_map(jax.lax.stop_gradient, zero.cache)
+        out0 = zero.hidden
+
+    def log_probs(out):  # out: [B, S', D] with S' = T (full) or S (suffix) -> [P, V] at the reads
+        picked = out[read_row, read_pos - (t - out.shape[1])]
+        return jax.nn.log_softmax(unembed(params, cfg, picked[None])[0], axis=-1)
+
+    def run(delta):
+        x = hidden[:, start:] + at_subject * delta[row_request][:, None, :].astype(hidden.dtype)
+        if prefix is None:
+            return upper(x, positions=positions).hidden
+        return upper(x, positions=positions[:, start:], cache=prefix, cache_index=start).hidden
+
+    kl_init = jax.lax.stop_gradient(log_probs(out0))
     v_norm = jnp.linalg.norm(v_init, axis=-1)
 
     def losses(delta):
-        lp = log_probs(delta)
-        tok_lp = jnp.take_along_axis(lp[:, :-1], labels[:, :, None], axis=-1)[..., 0]
-        nll_row = -(tok_lp * label_mask).sum(-1) / jnp.maximum(label_mask.sum(-1), 1.0)
-        nll = (nll_seg * nll_row[:, None]).sum(0) / jnp.maximum(nll_seg.sum(0), 1.0)
-        cur = lp[:, -1]
-        kl_row = jnp.sum(jnp.exp(cur) * (cur - kl_init), axis=-1)  # KL(current ‖ initial)
-        kl = (kl_seg * kl_row[:, None]).sum(0)
+        lp = log_probs(run(delta))
+        tok_lp = jnp.take_along_axis(lp, read_label[:, None], axis=-1)[:, 0]
+        nll = jnp.sum(seg * (-nll_weight * tok_lp)[:, None], 0)  # [N]: mean over templates of mean over tokens
+        kl_read = jnp.sum(jnp.exp(lp) * (lp - kl_init), axis=-1)  # KL(current ‖ initial)
+        kl = jnp.sum(kl_seg * kl_read[:, None], 0)
         decay = vs.weight_decay * _safe_norm(delta) / v_norm**2
         per = nll + vs.kl_factor * kl + decay
         return per.sum(), (per, nll, kl)
@@ -199,15 +238,17 @@ def value_optimisation(
     cfg: ModelConfig,
     problem: ValueProblem,
     settings: ValueSettings,
+    suffix: bool = True,
 ) -> ValueResult:
-    """Optimise one δ per request of `problem` (see the module docstring)."""
+    """Optimise one δ per request of `problem` (see the module docstring). `suffix=False` runs
+    every step on all T positions (the reference form of the cached-prefix fast path)."""
     if settings.num_steps < 1:
         raise ValueError("v_num_grad_steps must be >= 1")
-    b = problem.batch
-    out = _optimise(params, cfg, settings, jnp.asarray(b.tokens), jnp.asarray(b.attn_mask),
-                    jnp.asarray(b.subject_last), jnp.asarray(problem.row_request), jnp.asarray(problem.is_nll),
-                    jnp.asarray(problem.is_kl), jnp.asarray(problem.init_row), jnp.asarray(problem.pred_pos),
-                    jnp.asarray(problem.labels), jnp.asarray(problem.label_mask))
+    b, p = problem.batch, problem
+    s = p.suffix_length() if suffix else b.tokens.shape[1]
+    out = _optimise(params, cfg, settings, s, *(jnp.asarray(a) for a in (
+        b.tokens, b.attn_mask, b.subject_last, p.row_request, p.init_row, p.read_row, p.read_pos, p.read_label,
+        p.read_request, p.nll_weight, p.is_kl)))
     delta, v_init, loss, nll, kl, steps, evals = jax.device_get(out)
     return ValueResult(np.asarray(delta), np.asarray(v_init), np.asarray(loss), np.asarray(nll), np.asarray(kl),
                        np.asarray(steps), int(evals))
