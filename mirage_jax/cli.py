@@ -88,9 +88,8 @@ def mesh_from_flags(fv: flags.FlagValues = flags.FLAGS):
     """The --mesh over every device of every process; None on a single device (nothing to split)."""
     import jax
 
-    from mirage_jax.model.sharding import make_mesh
+    from mirage_jax.model.sharding import make_mesh, parse_mesh
 
     spec = fv.mesh if "mesh" in fv else ""
-    if jax.device_count() == 1 and spec.strip() in ("", "data:1", "fsdp:1", "tensor:1"):
-        return None
-    return make_mesh(spec)
+    parse_mesh(spec, jax.device_count())  # a bad --mesh is an error even where there is nothing to split
+    return None if jax.device_count() == 1 else make_mesh(spec)

@@ -113,3 +113,21 @@ def test_sharded_equals_unsharded_on_8_cpu_devices(tmp_path):
     assert res["fsdp:8"]["specs"]["layers/*/mlp/up/kernel"] == str(S.PartitionSpec("fsdp", None))
     assert res["data:2,tensor:4"]["specs"]["layers/*/mlp/up/kernel"] == str(S.PartitionSpec(None, "tensor"))
     assert res["data:8"]["specs"]["layers/*/mlp/up/kernel"] == str(S.PartitionSpec(None, None))
+
+
+def test_mesh_flag_is_checked_and_one_device_needs_no_mesh():
+    from absl import flags
+
+    from mirage_jax import cli
+
+    assert jax.device_count() == 1  # the test process (the 8-device runs are subprocesses)
+    for value, error in (("fsdp:-1", None), ("", None), ("data:2", "has 2 devices; this run has 1"),
+                         ("model:1", "unknown axis")):
+        fv = flags.FlagValues()
+        cli.define_model_flags(fv)
+        fv(["prog", f"--mesh={value}"])
+        if error is None:
+            assert cli.mesh_from_flags(fv) is None
+        else:
+            with pytest.raises(S.MeshError, match=error):
+                cli.mesh_from_flags(fv)

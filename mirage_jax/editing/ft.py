@@ -15,16 +15,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from mirage_jax.editing.common import check_layers, down_kernel, mean_per_request, replace_down_kernels, target_nll
+from mirage_jax.editing.common import check_layers, down_kernel, mean_per_request, replace_down_kernels
 from mirage_jax.model.config import ModelConfig
-from mirage_jax.model.transformer import forward
-from mirage_jax.tokens import make_batch
+from mirage_jax.model.transformer import forward, unembed
+from mirage_jax.tokens import bucket, make_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,26 +40,45 @@ class FTConfig:
     batch_size: int = 1  # requests per edit in batch mode
 
 
-def prompt_last_nll(logits: jax.Array, tokens: jax.Array, target_mask: jax.Array,
-                    prompt_last: jax.Array) -> jax.Array:
-    """FT-L's objective: NLL of every target token under the *one* next-token distribution at the
-    last prompt token (a bag of tokens, not teacher forcing), `mean_per_request`."""
-    last = jnp.take_along_axis(logits, prompt_last[:, None, None], axis=1)[:, 0]  # [B, V]
-    tgt_lp = jnp.take_along_axis(jax.nn.log_softmax(last, axis=-1), tokens, axis=-1)  # each position's token
-    return mean_per_request(-tgt_lp, target_mask)
+class Reads(NamedTuple):
+    """Where the loss reads the model, packed: `[B, K]` positions whose output distribution scores a
+    target token, the token, and a mask (K = the most target tokens of a row, bucketed).
+
+    FT-M reads position t for the target token at t + 1 (teacher forcing); FT-L reads the last
+    prompt token for every target token (a bag of tokens under one distribution). Only these K
+    positions go through the LM head -- a 49k-word vocabulary costs as much as ten layers of a small
+    model per position, and the other positions' logits were computed to be masked away.
+    """
+
+    pos: jax.Array  # [B, K] int32
+    tok: jax.Array  # [B, K] int32
+    mask: jax.Array  # [B, K] float32
 
 
-def _loss(trainable, params, cfg: ModelConfig, objective: str, start: int, hidden, attn_mask, target_mask,
-          prompt_last, tokens):
+def loss_reads(tokens: np.ndarray, target_mask: np.ndarray, prompt_last: np.ndarray, objective: str) -> Reads:
+    """The packed reads of a `make_batch` batch for `objective` ('target_new' or 'prompt_last')."""
+    b = tokens.shape[0]
+    targets = [np.flatnonzero(target_mask[r]) for r in range(b)]
+    k = bucket(max((len(t) for t in targets), default=1), 4)
+    pos, tok, mask = np.zeros((b, k), np.int32), np.zeros((b, k), np.int32), np.zeros((b, k), np.float32)
+    for r, idx in enumerate(targets):
+        n = len(idx)
+        pos[r, :n] = idx - 1 if objective == "target_new" else prompt_last[r]
+        tok[r, :n], mask[r, :n] = tokens[r, idx], 1.0
+    return Reads(jnp.asarray(pos), jnp.asarray(tok), jnp.asarray(mask))
+
+
+def _loss(trainable, params, cfg: ModelConfig, start: int, hidden, attn_mask, reads: Reads):
+    """Mean NLL of the read target tokens, `mean_per_request` (both objectives: only `reads` differ)."""
     p = replace_down_kernels(params, trainable)
-    logits = forward(p, cfg, None, attn_mask=attn_mask, start_layer=start, hidden=hidden).logits
-    if objective == "target_new":
-        return target_nll(logits, tokens, target_mask)
-    return prompt_last_nll(logits, tokens, target_mask, prompt_last)
+    h = forward(p, cfg, None, attn_mask=attn_mask, start_layer=start, hidden=hidden, return_logits=False).hidden
+    logits = unembed(p, cfg, jnp.take_along_axis(h, reads.pos[:, :, None], axis=1))  # [B, K, V]
+    tok_lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), reads.tok[:, :, None], axis=-1)[..., 0]
+    return mean_per_request(-tok_lp, reads.mask)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "hp"))
-def _optimise(params, cfg: ModelConfig, hp: FTConfig, tokens, attn_mask, target_mask, prompt_last):
+def _optimise(params, cfg: ModelConfig, hp: FTConfig, tokens, attn_mask, reads: Reads):
     start = min(hp.layers)
     hidden = forward(params, cfg, tokens, attn_mask=attn_mask, stop_layer=start).hidden
     hidden = jax.lax.stop_gradient(hidden)
@@ -68,7 +88,7 @@ def _optimise(params, cfg: ModelConfig, hp: FTConfig, tokens, attn_mask, target_
 
     def step(carry):
         w, state, i, _, _ = carry
-        loss, g = loss_grad(w, params, cfg, hp.objective, start, hidden, attn_mask, target_mask, prompt_last, tokens)
+        loss, g = loss_grad(w, params, cfg, start, hidden, attn_mask, reads)
         stop = loss < hp.early_stop_loss
         upd, new_state = opt.update(g, state, w)
         new_w = optax.apply_updates(w, upd)
@@ -93,6 +113,6 @@ def ft_edit(params: Any, cfg: ModelConfig, tokenizer: Any, prompts: Sequence[str
     if hp.objective not in ("target_new", "prompt_last"):
         raise ValueError(f"FT: objective must be 'target_new' or 'prompt_last', got {hp.objective!r}")
     b = make_batch(tokenizer, prompts, targets)
-    w, steps, loss = _optimise(params, cfg, hp, jnp.asarray(b.tokens), jnp.asarray(b.attn_mask),
-                               jnp.asarray(b.target_mask), jnp.asarray(b.prompt_last))
+    reads = loss_reads(b.tokens, b.target_mask, b.prompt_last, hp.objective)
+    w, steps, loss = _optimise(params, cfg, hp, jnp.asarray(b.tokens), jnp.asarray(b.attn_mask), reads)
     return replace_down_kernels(params, w), {"steps": int(steps), "loss": float(loss)}
