@@ -353,8 +353,10 @@ def test_runner_single_restores_sequential_carries_and_resumes(tiny, tmp_path):
 
 
 def test_default_model_demo_and_counterfact_single(tmp_path, default_model):
-    """Default model, its config: 10 demo facts + CounterFact 0-9, single mode. Synthetic
-    reliability >= 0.9; WILD (chat_temp) is reported beside it, whatever it is."""
+    """Default model, its config: 10 demo facts + CounterFact 0-9, single mode: synthetic
+    reliability >= 0.9, teacher-forced and in the seed's generated variant. WILD (chat_temp) on the
+    same records is measured in BUILD_NOTES (0.000: the paper's collapse); it is left out here
+    because its generations would triple this test's time and it asserts nothing about WILD."""
     from configs import get_hparams
 
     model = default_model
@@ -363,10 +365,9 @@ def test_default_model_demo_and_counterfact_single(tmp_path, default_model):
              for r in datasets.load_counterfact(Path(__file__).parents[1] / "data" / "counterfact-edit.json",
                                                 ds_size=10).requests]
     rc = RunConfig(method="GRACE", model_name=model.name, dataset="mixed", data_path="demo+counterfact",
-                   evaluation="both", wild=WildConfig(context_type="chat_temp", max_new_tokens=24),
-                   output_dir=str(tmp_path))
+                   evaluation="synthetic", output_dir=str(tmp_path))
     summary = run(model, reqs, METHODS["GRACE"], get_hparams("GRACE", model.name), rc, ExactMatchJudge())
     print(json.dumps(summary["post"], indent=1))
     assert summary["n_samples"] == 20
     assert summary["post"]["synthetic"]["rewrite_acc"] >= 0.9
-    assert isinstance(summary["post"]["wild"]["rewrite_acc"], float)
+    assert summary["post"]["synthetic"]["rewrite_acc_generated"] >= 0.9
