@@ -24,10 +24,10 @@ from mirage_jax import cli
 
 FLAGS = flags.FLAGS
 cli.define_model_flags()
+cli.define_hparam_flags()
 flags.adopt_module_key_flags(cli)
 flags.DEFINE_list("methods", ["GRACE"], "methods to run, each on its own sequence")
 flags.DEFINE_integer("n", 100, "edits per sequence")
-flags.DEFINE_list("hp", [], "key=value overrides for every method's hyper-parameters")
 flags.DEFINE_string("data_path", str(REPO / "data" / "counterfact-edit.json"), "CounterFact file")
 
 
@@ -46,7 +46,7 @@ def main(argv):
     out = {"model": model.name, "device": jax.devices()[0].device_kind, "n": len(reqs)}
     for name in FLAGS.methods:
         method = get_method(name)
-        hp = get_hparams(name, model.name, FLAGS.hp)
+        hp = get_hparams(name, model.name, FLAGS.hp, key=FLAGS.hparams_for)
         stats = None
         if method.needs_stats(hp):
             f = model.cfg.intermediate_size
