@@ -36,13 +36,7 @@ flags.DEFINE_enum("evaluation", "both", ["wild", "synthetic", "both"], "evaluati
 flags.DEFINE_enum("context_type", "chat_temp", ["question-only", "qa_inst", "chat_temp"], "WILD input wrapping")
 flags.DEFINE_integer("max_new_tokens", 50, "WILD generation budget")
 flags.DEFINE_enum("stop_rule", "improved", ["seed", "improved"], "WILD answer end: paper's rule or ours")
-flags.DEFINE_enum("judge", "exact_match", ["exact_match", "llm", "local"],
-                 "how WILD answers are scored: exact match, an OpenAI-compatible API, or a local instruction model "
-                 "(the paper's grader prompt, verdict from the logits of A vs B)")
-flags.DEFINE_string("judge_model", None, "--judge=llm: API model name (default gpt-4o-mini); --judge=local: "
-                    "HF directory, .gguf file or 'default' (default 'default', SmolLM2-135M: mechanics only, "
-                    "use a capable instruction model such as Qwen2.5-7B-Instruct for real verdicts)")
-flags.DEFINE_string("judge_base_url", None, "OpenAI-compatible endpoint for --judge=llm (key: $OPENAI_API_KEY)")
+cli.define_judge_flags()
 flags.DEFINE_string("output_dir", "out", "results directory")
 flags.DEFINE_bool("resume", False, "continue a killed run with the same settings")
 flags.DEFINE_list("eval_at", [], "sequential / batch: also evaluate all edits so far after these numbers of "
@@ -67,7 +61,6 @@ def main(argv):
     from configs import get_hparams
     from mirage_jax import datasets
     from mirage_jax.editing import get_method
-    from mirage_jax.evaluation.judge import make_judge
     from mirage_jax.evaluation.wild import WildConfig
     from mirage_jax.report import end_of_run_text
     from mirage_jax.runner import RunConfig, run
@@ -78,8 +71,7 @@ def main(argv):
         logging.warning("skipped %d bad records: %s", len(data.skipped), data.skipped[:5])
     # The judge first: its settings (e.g. --judge=llm without OPENAI_API_KEY) fail in a second, not
     # after the model has loaded.
-    judge = make_judge(FLAGS.judge, FLAGS.judge_model, FLAGS.judge_base_url,
-                       cache_path=f"{FLAGS.output_dir}/judge_cache.jsonl")
+    judge = cli.judge_from_flags(f"{FLAGS.output_dir}/judge_cache.jsonl")
     model = load_model_from_flags()
     hp = get_hparams(method.name, model.name, FLAGS.hp, key=FLAGS.hparams_for)
     if method.name == "MEND":  # a trained editor: --hp archive=, results/mend/<model>/best, or train one now

@@ -4,7 +4,8 @@
 `python -m mirage_jax.editing.mend_train` and the benchmarks all load a model the same way; their
 `--model` / `--dtype` / `--allow_pickle` / `--mesh` are defined here so that a flag means the
 same thing, with the same default and help text, wherever it appears. Likewise `--hp` /
-`--hparams_for` for the commands that read `configs/`.
+`--hparams_for` for the commands that read `configs/`, and `--judge` / `--judge_model` /
+`--judge_base_url` for `launch.py` and `python -m mirage_jax.regrade`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 from absl import flags
 
 if TYPE_CHECKING:
+    from mirage_jax.evaluation.judge import Judge
     from mirage_jax.model import Model
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -74,6 +76,29 @@ def define_hparam_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     _define("hp", fv, flags.DEFINE_multi_string, [],
             "hyper-parameter override key=value (repeatable), e.g. --hp layers=4,5 --hp lr=1e-4")
     _define("hparams_for", fv, flags.DEFINE_string, None, "borrow the configs/ entry of this model key")
+
+
+def define_judge_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+    """--judge, --judge_model, --judge_base_url: how WILD answers are scored."""
+    from mirage_jax.evaluation.judge import JUDGE_KINDS
+
+    _define("judge", fv, flags.DEFINE_enum, "exact_match", list(JUDGE_KINDS),
+            "how WILD answers are scored: exact match, the gold's words inside the answer (keyless proxy), "
+            "an OpenAI-compatible API, or a local instruction model (the paper's grader prompt, verdict from "
+            "the logits of A vs B)")
+    _define("judge_model", fv, flags.DEFINE_string, None,
+            "--judge=llm: API model name (default gpt-4o-mini); --judge=local: HF directory, .gguf file or "
+            "'default' (default 'default', SmolLM2-135M: mechanics only, use a capable instruction model such "
+            "as Qwen2.5-7B-Instruct for real verdicts)")
+    _define("judge_base_url", fv, flags.DEFINE_string, None,
+            "OpenAI-compatible endpoint for --judge=llm (key: $OPENAI_API_KEY)")
+
+
+def judge_from_flags(cache_path: str | None, fv: flags.FlagValues = flags.FLAGS) -> Judge:
+    """The judge the flags name; its verdicts (llm, local) are cached at `cache_path`."""
+    from mirage_jax.evaluation.judge import make_judge
+
+    return make_judge(fv.judge, fv.judge_model, fv.judge_base_url, cache_path=cache_path)
 
 
 def load_model_from_flags(fv: flags.FlagValues = flags.FLAGS, dtype: str | None = None) -> Model:

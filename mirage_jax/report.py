@@ -37,9 +37,12 @@ import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from absl import flags
+
+if TYPE_CHECKING:
+    from mirage_jax.runner import RunConfig
 
 SCHEMA = 1  # the summary layout this module reads; the runner writes runner.SUMMARY_SCHEMA (a test keeps them equal)
 SUMMARY_KEYS = ("method", "model", "dataset", "edit_mode", "judge", "n_samples", "post")
@@ -224,12 +227,8 @@ def run_from_summary(summary: Any, source: str) -> Run:
                curve=tuple(sorted(points, key=lambda p: p.n_edits)))
 
 
-def summary_from_results(path: Path) -> dict:
-    """The summary of a results file (no summary beside it), by the runner's own `summarise`."""
-    name = RUN_NAME.fullmatch(path.stem)
-    if name is None:
-        raise ReportError(f"{path}: not a results file name (<method>_<model>_<dataset>_<mode>_<evaluation>_"
-                          "<context>.jsonl), so the run's settings are unknown")
+def read_results(path: Path) -> list[dict]:
+    """The rows of a results file; a torn last line (a kill mid-write) is dropped, as `--resume` drops it."""
     rows = []
     lines = path.read_text(encoding="utf-8").splitlines()
     for lineno, line in enumerate(lines, 1):
@@ -244,16 +243,37 @@ def summary_from_results(path: Path) -> dict:
         rows.append(row)
     if not rows:
         raise ReportError(f"{path}: no finished samples")
+    return rows
+
+
+def run_config_from_name(path: Path, rows: Sequence[dict] = ()) -> RunConfig:
+    """The `runner.RunConfig` a results file was written under, as far as `summarise` needs it: read back
+    from the name the runner gave the file (settings the name does not hold keep their defaults). The seed's
+    generated synthetic variant (GRACE) is on when any row has its `rewrite_acc_generated`."""
+    name = RUN_NAME.fullmatch(path.stem)
+    if name is None:
+        raise ReportError(f"{path}: not a results file name (<method>_<model>_<dataset>_<mode>_<evaluation>_"
+                          "<context>.jsonl), so the run's settings are unknown")
     from mirage_jax.evaluation.wild import WildConfig
-    from mirage_jax.runner import RunConfig, summarise
+    from mirage_jax.runner import RunConfig
 
     mode = name["mode"]
     wild_cfg = WildConfig() if name["context"] == "none" else WildConfig(context_type=name["context"])
-    rc = RunConfig(method=name["method"], model_name=name["model"], dataset=name["dataset"], data_path="",
-                   edit_mode="batch" if mode.startswith("batch") else mode,
-                   batch_size=int(mode[5:]) if mode.startswith("batch") else 1,
-                   evaluation=name["evaluation"], wild=wild_cfg)
-    return summarise(rows, rc, UNKNOWN_JUDGE)
+    generated = any("rewrite_acc_generated" in (r.get(stage) or {}).get("synthetic", {})
+                    for r in rows for stage in ("pre", "post"))
+    return RunConfig(method=name["method"], model_name=name["model"], dataset=name["dataset"], data_path="",
+                     edit_mode="batch" if mode.startswith("batch") else mode,
+                     batch_size=int(mode[5:]) if mode.startswith("batch") else 1,
+                     evaluation=name["evaluation"], wild=wild_cfg, generated_synthetic=generated)
+
+
+def summary_from_results(path: Path) -> dict:
+    """The summary of a results file (no summary beside it), by the runner's own `summarise`."""
+    from mirage_jax.runner import summarise
+
+    run_config_from_name(path)  # a file of another name is refused before it is read
+    rows = read_results(path)
+    return summarise(rows, run_config_from_name(path, rows), UNKNOWN_JUDGE)
 
 
 def _is_results_file(path: Path) -> bool:
@@ -417,6 +437,10 @@ def judge_line(judge: str, unjudged: int = 0) -> str:
         line = ("WILD graded by exact match: an answer counts only if, normalised (case, punctuation, articles), "
                 "it equals the target, so a correct answer inside a sentence (\"It is Lyon.\") or under "
                 "another name scores 0; --judge=llm grades like the paper (gpt-4o-mini)")
+    elif judge == "contains":
+        line = ("WILD graded by containment: an answer counts if, normalised, the target's words occur in it in "
+                "order, so it also credits an answer that contradicts the target (\"English or French\"); a keyless "
+                "proxy, not the paper's judge (--judge=llm)")
     elif judge.startswith("llm:"):
         line = f"WILD graded by the LLM judge {judge[4:]} (the paper's rubric, CORRECT / INCORRECT)"
     elif judge.startswith("local:"):

@@ -351,9 +351,16 @@ def run(model: Any, requests: Sequence[EditRequest], method: EditMethod, hp: Any
             curve[n] = {"n_edits": n, **{kind: summary["post"][kind] for kind in rc.kinds}}
             _append(curve_file, curve[n])
         summary["curve"] = [curve[n] for n in rc.eval_at if n in curve]
-    io.write_json(out_dir / f"{rc.run_name}_summary.json", summary, indent=2)
-    io.write_text(out_dir / f"{rc.run_name}_table.md", markdown_table(summary))
+    write_summary(out_dir, summary)
     return summary
+
+
+def write_summary(out_dir: Path, summary: dict) -> list[Path]:
+    """`<run>_summary.json` and `<run>_table.md` into `out_dir` (also `mirage_jax.regrade`'s writer)."""
+    paths = [out_dir / f"{summary['run']}_summary.json", out_dir / f"{summary['run']}_table.md"]
+    io.write_json(paths[0], summary, indent=2)
+    io.write_text(paths[1], markdown_table(summary))
+    return paths
 
 
 def summarise(rows: Sequence[dict], rc: RunConfig, judge_name: str) -> dict:

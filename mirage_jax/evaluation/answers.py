@@ -1,4 +1,4 @@
-"""WILD evaluation text handling: context wrapping, stop rules, answer cleaning, exact match.
+"""WILD evaluation text handling: context wrapping, stop rules, answer cleaning, exact match, containment.
 
 Pure Python; the generation loop (generate.py) owns tokens, this module owns strings.
 
@@ -199,3 +199,14 @@ def normalize_answer(s: str) -> str:
 def exact_match(pred: str, gold: str) -> float:
     """1.0 iff the normalised strings are equal (single reference, no aliases)."""
     return float(normalize_answer(pred) == normalize_answer(gold))
+
+
+def contains_answer(pred: str, gold: str) -> float:
+    """1.0 iff the normalised gold's words occur as a contiguous run of the normalised answer's words.
+
+    Word-level, not character-level: "New York" is not in "New Yorker", "20" is not in "2002". An
+    empty gold (nothing left after normalisation) is never contained.
+    """
+    want, have = normalize_answer(gold).split(), normalize_answer(pred).split()
+    n = len(want)
+    return float(n > 0 and any(have[i : i + n] == want for i in range(len(have) - n + 1)))

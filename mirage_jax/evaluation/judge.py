@@ -1,5 +1,5 @@
-"""Judges that score a generated answer against the gold target: exact match, an LLM behind an
-API, or a local model run through our own forward.
+"""Judges that score a generated answer against the gold target: exact match, word containment, an
+LLM behind an API, or a local model run through our own forward.
 
 All have `judge_many(items) -> list[float | None]`: 1.0 correct, 0.0 incorrect, None unjudged.
 
@@ -43,13 +43,13 @@ import jax.numpy as jnp
 import jinja2
 import numpy as np
 
-from mirage_jax.evaluation.answers import exact_match
+from mirage_jax.evaluation.answers import contains_answer, exact_match
 from mirage_jax.model.transformer import KVCache, forward, init_cache, unembed
 from mirage_jax.tokens import bucket
 
 log = logging.getLogger(__name__)
 
-JUDGE_KINDS = ("exact_match", "llm", "local")
+JUDGE_KINDS = ("exact_match", "contains", "llm", "local")
 DEFAULT_JUDGE_MODEL = "gpt-4o-mini"
 DEFAULT_LOCAL_JUDGE_MODEL = "default"  # load_model's embedded SmolLM2-135M-Instruct: mechanics, not verdicts
 API_KEY_ENV = "OPENAI_API_KEY"
@@ -129,6 +129,25 @@ class ExactMatchJudge:
 
     def judge_many(self, items: Sequence[JudgeItem]) -> list[float | None]:
         return [exact_match(item.answer, item.gold) for item in items]
+
+
+class ContainsJudge:
+    """Correct when the SQuAD-normalised gold occurs word for word, as a contiguous run of words, in
+    the normalised answer (`answers.contains_answer`); never None, no key, no model.
+
+    Why: exact match scores every sentence answer 0 ("The mother tongue of Danielle Darrieux is
+    English." for "English"), so an instruct model's WILD scores say nothing; this credits them.
+    What it cannot do: it credits an answer that also contradicts the gold ("English or French",
+    "not English", "English, then French") and one that lists many candidates; it cannot credit a
+    correct answer under another name or spelling ("NYC" for "New York City", "2nd" for "second").
+    A keyless, lower-cost proxy, not the paper's judge (--judge=llm): its numbers are not comparable
+    with the paper's.
+    """
+
+    name = "contains"
+
+    def judge_many(self, items: Sequence[JudgeItem]) -> list[float | None]:
+        return [contains_answer(item.answer, item.gold) for item in items]
 
 
 _VERDICT = re.compile(
@@ -526,7 +545,8 @@ def _logsumexp(x: np.ndarray) -> np.ndarray:
 
 def make_judge(kind: str, model: str | None = None, base_url: str | None = None,
                cache_path: str | Path | None = None, **options) -> Judge:
-    """'exact_match' -> ExactMatchJudge (other arguments unused); 'llm' -> LLMJudge; 'local' -> LocalJudge.
+    """'exact_match' -> ExactMatchJudge, 'contains' -> ContainsJudge (other arguments unused); 'llm' -> LLMJudge;
+    'local' -> LocalJudge.
 
     `model`: the API model name for 'llm' (default gpt-4o-mini), `load_model`'s argument for 'local'
     (an HF directory, a .gguf file or "default"). `options`: for 'llm' timeout_s, max_retries,
@@ -534,6 +554,8 @@ def make_judge(kind: str, model: str | None = None, base_url: str | None = None,
     """
     if kind == "exact_match":
         return ExactMatchJudge()
+    if kind == "contains":
+        return ContainsJudge()
     if kind == "llm":
         return LLMJudge(model=model or DEFAULT_JUDGE_MODEL, base_url=base_url, cache_path=cache_path, **options)
     if kind == "local":
