@@ -7,22 +7,34 @@ against the seed's no-cache recomputation (every step re-runs the whole sequence
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mirage_jax import datasets
 from mirage_jax import generate as gen
 from mirage_jax.datasets import EditRequest
+from mirage_jax.editing import METHODS
 from mirage_jax.editing.common import replace_mlp
 from mirage_jax.editing.wise import WISEConfig, margin_loss, ties_merge, wise_edit
+from mirage_jax.evaluation.judge import ExactMatchJudge
+from mirage_jax.evaluation.wild import WildConfig
 from mirage_jax.model import load_model
-from mirage_jax.model.adapters import NO_ACT, empty_wise, wise_apply, wise_choice
+from mirage_jax.model.adapters import ADAPTER_FILE, NO_ACT, AdapterError, empty_wise, wise_apply, wise_choice
+from mirage_jax.model.checkpoint import load_hf_checkpoint
 from mirage_jax.model.transformer import forward
-from tiny import save_tiny
+from mirage_jax.runner import RunConfig, RunError, run
+from tiny import qaedit_records, save_tiny
 
-LAYER = 1
+LAYER = 1  # the editor's layer (the tiny model has 2)
+# The routing tests put the adapter under the last layer: a switch must change the K/V that layer 1
+# attends to, else recomputing after a switch changes nothing and its test could not fail.
+ROUTE_LAYER = 0
 
 
 @pytest.fixture(scope="module")
@@ -78,26 +90,27 @@ def test_router_threshold_and_shard_retrieval_on_constructed_distances():
     assert got.tolist() == [0, -1, 1, 2, -1]
 
 
-def _constructed(model, router, scale=0.05, ratio=1.0):
-    """A hand-made adapter at LAYER: side = W + noise, min distance set to the mean distance of a
-    reference prompt (so the router sits on the edge and decisions differ between rows/steps)."""
-    k = model.params["layers"][LAYER]["mlp"]["down"]["kernel"]
+def _constructed(model, router, scale=2.0, ratio=1.1):
+    """A hand-made adapter at ROUTE_LAYER: side = W + large noise (a switch moves the next token),
+    min distance set to the mean distance of a reference prompt (so the router sits on the edge and
+    decisions differ between rows/steps)."""
+    k = model.params["layers"][ROUTE_LAYER]["mlp"]["down"]["kernel"]
     noise = scale * np.random.default_rng(1).standard_normal(k.shape).astype(np.float32)
     w = empty_wise(k, 2, ratio, router, False)
     w = dict(w, memories=w["memories"].at[0].set(k + noise))
     ids = jnp.asarray([model.tokenizer("t10 t11 t5")["input_ids"]])
-    key = forward(model.params, model.cfg, ids, reads=(("mlp_key", LAYER),)).reads[("mlp_key", LAYER)]
+    key = forward(model.params, model.cfg, ids, reads=(("mlp_key", ROUTE_LAYER),)).reads[("mlp_key", ROUTE_LAYER)]
     out = key @ k
     _, route = wise_apply(w, key, out, jnp.arange(ids.shape[1])[None], jnp.asarray([ids.shape[1]]), None)
     w["min_act"] = w["min_act"].at[0].set(route["sum"][0, 0] / route["n"][0])
-    return replace_mlp(model.params, {(LAYER, "wise"): w})
+    return replace_mlp(model.params, {(ROUTE_LAYER, "wise"): w})
 
 
 def _no_cache(params, cfg, prompt, n):
     seq, choices = list(prompt), []
     for _ in range(n):
         out = forward(params, cfg, jnp.asarray([seq]), prompt_len=jnp.asarray([len(prompt)]))
-        choices.append(int(out.routes[LAYER]["wise"]["choice"][0]))
+        choices.append(int(out.routes[ROUTE_LAYER]["wise"]["choice"][0]))
         seq.append(int(jnp.argmax(out.logits[0, -1])))
     return seq[len(prompt):], choices
 
@@ -139,3 +152,81 @@ def test_edit_lowers_its_loss_saves_and_merges(tiny):
     assert int(w["count"]) == 2 and float(w["min_act"][0]) == NO_ACT
     assert float(w["min_act"][1]) == pytest.approx(min(i["distance"] for i in infos), rel=1e-6)
     assert not np.array_equal(np.asarray(w["memories"][1]), np.asarray(w["memories"][0]))
+
+
+TEMPLATES = ("{}", "t1 {}", "t2 t3 {}")  # a run's templates, fixed here so the tests need no generation
+
+
+def _wise_method_without_generation():
+    """The registered WISE method with `prepare` giving `TEMPLATES` (the real one generates 10 texts)."""
+    return dataclasses.replace(METHODS["WISE"], prepare=lambda *a: {"templates": TEMPLATES})
+
+
+def test_runner_single_restores_sequential_carries_and_resumes(tiny, tmp_path):
+    """single: every sample edits the unedited model (one memory, no save); sequential: the memory
+    carries across the sequence (save every 2, TIES merge every 4 -> memories 1,2,2,2,2,3), a run
+    killed mid-line resumes and gives the same rows and summary; batch: refused."""
+    model, _ = tiny
+    data = tmp_path / "edits.json"
+    data.write_text(json.dumps(qaedit_records(6)))
+    reqs = list(datasets.load_qaedit(data).requests)
+    hp = WISEConfig(layer=LAYER, n_iter=8, edit_lr=50.0, save_freq=2, merge_freq=4, act_margin=(0.1, 0.5, 0.2),
+                    router="prompt")
+    method = _wise_method_without_generation()
+    base = {"method": "WISE", "model_name": "tiny", "dataset": "qaedit", "data_path": str(data),
+            "evaluation": "synthetic", "wild": WildConfig(max_new_tokens=4), "eval_batch": 2}
+    single = RunConfig(**base, output_dir=str(tmp_path / "single"))
+    run(model, reqs, method, hp, single, ExactMatchJudge())
+    rows = [json.loads(x) for x in (tmp_path / "single" / f"{single.run_name}.jsonl").read_text().splitlines()]
+    assert [(r["edit"]["memories"], r["edit"]["events"]) for r in rows] == [(1, [])] * 6
+
+    seq = RunConfig(**base, edit_mode="sequential", output_dir=str(tmp_path / "seq"))
+    whole = run(model, reqs, method, hp, seq, ExactMatchJudge())
+    path = tmp_path / "seq" / f"{seq.run_name}.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [r["edit"]["memories"] for r in rows] == [1, 2, 2, 2, 2, 3]
+    assert rows[3]["edit"]["events"] == ["save", "merge"]
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:3]) + "\n" + lines[3][:30])  # killed while writing line 4
+    resumed = run(model, reqs, method, hp, RunConfig(**base, edit_mode="sequential", resume=True,
+                                                      output_dir=str(tmp_path / "seq")), ExactMatchJudge())
+    again = [json.loads(x) for x in path.read_text().splitlines()]
+    assert sorted(r["case_id"] for r in again) == list(range(6))
+    assert {r["case_id"]: r["post"] for r in again} == {r["case_id"]: r["post"] for r in rows}
+    assert resumed == whole
+
+    with pytest.raises(RunError, match="WISE cannot batch-edit"):
+        run(model, reqs, method, hp, RunConfig(**base, edit_mode="batch", batch_size=2,
+                                               output_dir=str(tmp_path / "b")), ExactMatchJudge())
+
+
+def test_export_writes_the_memories_beside_the_checkpoint_and_reloads(tiny, tmp_path):
+    """Model.save writes side memory + shards to the adapter file and load_model grafts them back
+    (same logits); the HF weights beside them stay the unedited model's; memories from another model
+    are a one-line error naming the leaf."""
+    model, _ = tiny
+    hp = WISEConfig(layer=LAYER, n_iter=4, edit_lr=50.0, act_margin=(0.1, 0.5, 0.2), act_ratio=0.0)
+    params, _ = wise_edit(model.params, model.cfg, model.tokenizer, [_req(0, "t10 t11 t5", "t40 t41")], hp,
+                          templates=TEMPLATES)
+    out = model.with_params(params).save(tmp_path / "edited")
+    back = load_model(out)
+    ids = jnp.asarray([model.tokenizer("t10 t11 t5")["input_ids"]])
+    edited_logits = np.asarray(forward(params, model.cfg, ids).logits)
+    assert not np.array_equal(edited_logits, np.asarray(forward(model.params, model.cfg, ids).logits))
+    np.testing.assert_array_equal(np.asarray(forward(back.params, back.cfg, ids).logits), edited_logits)
+    _, hf_params, _ = load_hf_checkpoint(out)
+    jax.tree.map(np.testing.assert_array_equal, hf_params, model.params)
+    other = save_tiny("llama", tmp_path / "other", seed=1, intermediate_size=128)
+    (other / ADAPTER_FILE).write_bytes((out / ADAPTER_FILE).read_bytes())
+    with pytest.raises(AdapterError, match=r"layers\.1\.mlp\.wise\.memories: float32\[2, 96, \d+\] does not match"):
+        load_model(other)
+
+
+@pytest.mark.parametrize("prompt, target, words", [(" ", "t40", "case 3: prompt ' ' produced no tokens"),
+                                                   ("t10 t11", " ", "case 3: empty target")])
+def test_bad_requests_are_one_line_errors_naming_the_record(tiny, prompt, target, words):
+    model, _ = tiny
+    with pytest.raises(ValueError, match=words) as err:
+        wise_edit(model.params, model.cfg, model.tokenizer, [_req(3, prompt, target)], WISEConfig(layer=LAYER),
+                  templates=TEMPLATES)
+    assert "\n" not in str(err.value)

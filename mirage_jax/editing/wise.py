@@ -32,8 +32,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from mirage_jax.editing.common import check_layers, for_case, replace_mlp, target_nll
+from mirage_jax.editing.common import Reads, check_layers, for_case, loss_reads, read_nll, replace_mlp
 from mirage_jax.model.adapters import NO_ACT, WISE_ROUTERS, empty_wise, grow_wise, wise_act
 from mirage_jax.model.config import ModelConfig
 from mirage_jax.model.transformer import forward
@@ -97,12 +98,12 @@ def ties_merge(base: jax.Array, tensors: jax.Array, weights: Sequence[float], de
     return (base.astype(jnp.float32) + mixed.reshape(base.shape)).astype(base.dtype)
 
 
-def row_distances(key: jax.Array, w_orig: jax.Array, w_side: jax.Array, attn: jax.Array,
+def row_distances(key: jax.Array, w_orig: jax.Array, w_side: jax.Array, bias: jax.Array, attn: jax.Array,
                   gelu: jax.Array) -> jax.Array:
-    """Per row: mean over real tokens of ``|act(key @ w_side) - act(key @ w_orig)|_2`` -> ``[B]``."""
-    k = key.astype(jnp.float32)
-    d = jnp.linalg.norm(wise_act(gelu, k @ w_side.astype(jnp.float32)) - wise_act(gelu, k @ w_orig.astype(jnp.float32)),
-                        axis=-1)
+    """Per row: mean over real tokens of ``|act(key @ w_side + b) - act(key @ w_orig + b)|_2`` -> ``[B]``."""
+    k, b = key.astype(jnp.float32), bias.astype(jnp.float32)
+    d = jnp.linalg.norm(wise_act(gelu, k @ w_side.astype(jnp.float32) + b)
+                        - wise_act(gelu, k @ w_orig.astype(jnp.float32) + b), axis=-1)
     m = attn.astype(jnp.float32)
     return jnp.sum(d * m, -1) / jnp.maximum(jnp.sum(m, -1), 1)
 
@@ -119,22 +120,21 @@ def _hidden(params, cfg: ModelConfig, layer: int, tokens, attn):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "hp"))
-def _train_side(params, cfg: ModelConfig, hp: WISEConfig, hidden, tokens, attn, target_mask, w_side, mask, gelu):
+def _train_side(params, cfg: ModelConfig, hp: WISEConfig, hidden, attn, reads: Reads, w_side, mask, gelu, bias):
     """The edit loop (see the module doc) -> (side kernel, recorded in-scope distance, iterations,
     first loss, last loss). ``params`` carry no WISE leaf at ``hp.layer``; the last row is the
     irrelevant one."""
     layer = hp.layer
     w_orig = params["layers"][layer]["mlp"]["down"]["kernel"]
-    edit_rows = jnp.arange(tokens.shape[0]) < tokens.shape[0] - 1
 
     def loss_fn(w):
         mlp = params["layers"][layer]["mlp"]
         p = replace_mlp(params, {(layer, "down"): dict(mlp["down"], kernel=w.astype(w_orig.dtype))})
-        out = forward(p, cfg, None, attn_mask=attn, start_layer=layer, hidden=hidden, reads=(("mlp_key", layer),))
-        d = row_distances(out.reads[("mlp_key", layer)], w_orig, w, attn, gelu)
+        out = forward(p, cfg, None, attn_mask=attn, start_layer=layer, hidden=hidden, reads=(("mlp_key", layer),),
+                      return_logits=False)
+        d = row_distances(out.reads[("mlp_key", layer)], w_orig, w, bias, attn, gelu)
         d_in, d_out = d[:-1], d[-1:]
-        loss = target_nll(out.logits, tokens, target_mask * edit_rows[:, None]) + margin_loss(d_in, d_out,
-                                                                                              hp.act_margin)
+        loss = read_nll(p, cfg, out.hidden, reads) + margin_loss(d_in, d_out, hp.act_margin)
         return loss, jnp.mean(d_in)
 
     grad = jax.value_and_grad(loss_fn, has_aux=True)
@@ -222,7 +222,7 @@ def wise_edit(params: Any, cfg: ModelConfig, tokenizer: Any, requests: Sequence[
     mlp = params["layers"][layer]["mlp"]
     w_orig = mlp["down"]["kernel"]
     wa = dict(mlp["wise"]) if "wise" in mlp else empty_wise(w_orig, hp.capacity, hp.act_ratio, hp.router,
-                                                            cfg.activation != "silu")
+                                                            cfg.activation != "silu", mlp["down"].get("bias"))
     if int(wa["router"]) != WISE_ROUTERS.index(hp.router):
         raise ValueError(f"WISE: the memory at layer {layer} routes by {WISE_ROUTERS[int(wa['router'])]!r}, "
                          f"this edit asks for {hp.router!r}")
@@ -231,8 +231,10 @@ def wise_edit(params: Any, cfg: ModelConfig, tokenizer: Any, requests: Sequence[
     tokens, attn = jnp.asarray(b.tokens), jnp.asarray(b.attn_mask)
     hidden = _hidden(plain, cfg, layer, tokens, attn)
     mask = gradient_mask(hp, int(wa["edits"]) // hp.save_freq, w_orig.shape)
-    side, d_in, iters, loss0, loss = _train_side(plain, cfg, hp, hidden, tokens, attn, jnp.asarray(b.target_mask),
-                                                 wa["memories"][0], mask, wa["gelu"])
+    edit_rows = (np.arange(len(prompts)) < len(templates))[:, None]  # the irrelevant row trains no target
+    reads = loss_reads(b.tokens, b.target_mask * edit_rows, b.prompt_last, "target_new")
+    side, d_in, iters, loss0, loss = _train_side(plain, cfg, hp, hidden, attn, reads, wa["memories"][0], mask,
+                                                 wa["gelu"], wa["bias"])
     wa = dict(wa, memories=wa["memories"].at[0].set(side), min_act=wa["min_act"].at[0].min(d_in),
               edits=wa["edits"] + 1)
     wa, events = save_and_merge(wa, w_orig, hp)

@@ -114,18 +114,23 @@ NO_ACT = 1e9  # the seed's EditingMeanAct start: a memory without edits never pa
 # memories[0] is the side memory being written, memories[1:count] the saved shards (oldest first)
 WISE_LEAVES = {"memories": (None, ("C", "F", "D")), "min_act": ("float32", ("C",)), "count": ("int32", ()),
                "edits": ("int32", ()), "act_ratio": ("float32", ()), "router": ("int32", ()),
-               "gelu": ("int32", ())}
+               "gelu": ("int32", ()), "bias": (None, ("D",))}
 LONG_SEQUENCE = 100  # the seed's euc(infer=True): over 100 tokens the distance is the top-1 token's
 
 
-def empty_wise(down_kernel: jax.Array, capacity: int, act_ratio: float, router: str, gelu: bool) -> dict:
-    """A WISE adapter whose side memory is a copy of the down kernel ``[F, D]`` (no shards yet)."""
+def empty_wise(down_kernel: jax.Array, capacity: int, act_ratio: float, router: str, gelu: bool,
+               bias: jax.Array | None = None) -> dict:
+    """A WISE adapter whose side memory is a copy of the down kernel ``[F, D]`` (no shards yet).
+    ``bias``: the down projection's (GPT-J's fc_out has one), part of every memory's output as of
+    the original's -- a copy of the layer includes its bias; zeros where the model has none."""
     if router not in WISE_ROUTERS:
         raise ValueError(f"WISE router must be one of {', '.join(WISE_ROUTERS)}, got {router!r}")
     mem = jnp.zeros((capacity,) + down_kernel.shape, down_kernel.dtype).at[0].set(down_kernel)
     return {"memories": mem, "min_act": jnp.full((capacity,), NO_ACT, jnp.float32), "count": jnp.int32(1),
             "edits": jnp.int32(0), "act_ratio": jnp.float32(act_ratio), "router": jnp.int32(WISE_ROUTERS.index(router)),
-            "gelu": jnp.int32(gelu)}
+            "gelu": jnp.int32(gelu),
+            "bias": jnp.zeros(down_kernel.shape[1:], down_kernel.dtype) if bias is None
+            else bias.astype(down_kernel.dtype)}
 
 
 def wise_act(gelu: jax.Array, x: jax.Array) -> jax.Array:
@@ -135,9 +140,9 @@ def wise_act(gelu: jax.Array, x: jax.Array) -> jax.Array:
 
 
 def wise_token_distances(w: Mapping[str, jax.Array], key: jax.Array, out: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Each memory's output ``key @ memory`` ``[B, T, C, D]`` and its per-token distance to the main
-    output ``out``: ``|act(side) - act(out)|_2`` ``[B, T, C]`` float32."""
-    side = jnp.einsum("btf,cfd->btcd", key, w["memories"].astype(key.dtype))
+    """Each memory's output ``key @ memory + bias`` ``[B, T, C, D]`` and its per-token distance to
+    the main output ``out``: ``|act(side) - act(out)|_2`` ``[B, T, C]`` float32."""
+    side = jnp.einsum("btf,cfd->btcd", key, w["memories"].astype(key.dtype)) + w["bias"].astype(key.dtype)
     a_side = wise_act(w["gelu"], side.astype(jnp.float32))
     a_out = wise_act(w["gelu"], out.astype(jnp.float32))[:, :, None, :]
     return side, jnp.linalg.norm(a_side - a_out, axis=-1)
