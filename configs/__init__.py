@@ -13,12 +13,12 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
-from configs import ft, grace, memit, mend, rome
+from configs import ft, grace, memit, mend, rome, wise
 
 # method -> {model key -> hparams}; keys are matched as substrings of the lower-cased model name.
 TABLES: dict[str, dict[str, Any]] = {"FT-M": ft.FT_M, "FT-L": ft.FT_L, "ROME": rome.ROME, "R-ROME": rome.R_ROME,
                                   "MEMIT": memit.MEMIT, "AlphaEdit": memit.ALPHAEDIT, "MEND": mend.MEND,
-                                  "GRACE": grace.GRACE}
+                                  "GRACE": grace.GRACE, "WISE": wise.WISE}
 DEFAULT_KEY = "smollm2-135m"  # the embedded default model
 
 

@@ -35,7 +35,7 @@ from absl import flags
 
 from mirage_jax.model import sharding
 from mirage_jax.model.config import ModelConfig
-from mirage_jax.model.transformer import KVCache, Params, forward, init_cache
+from mirage_jax.model.transformer import KVCache, Params, forward, init_cache, unembed
 from mirage_jax.tokens import bucket
 
 StopFn = Callable[[str], bool]
@@ -73,6 +73,36 @@ class DecodeState(NamedTuple):
     # Adapter decisions made at prefill on each row's last prompt token ({} without adapters; see
     # `mirage_jax.model.adapters`): a decode step sees only its own token, the prompt's stay put.
     routes: dict
+    # [B, P] the left-padded prompts, kept only when an adapter's route can switch mid-answer (WISE's
+    # ``sequence`` router): the step after a switch recomputes the whole sequence (`_redo_switched`).
+    prompt_tokens: jax.Array | None = None
+
+
+def _switched(routes: dict) -> jax.Array | None:
+    """[B] bool: rows whose adapter decision changed at this step (None: no adapter can switch)."""
+    flags = [r["switched"] for layer in routes.values() for r in layer.values() if "switched" in r]
+    return None if not flags else jnp.any(jnp.stack(flags), axis=0)
+
+
+def _redo_switched(params: Params, cfg: ModelConfig, cache: KVCache, s: DecodeState, out_tokens: jax.Array,
+                   mask: jax.Array, slot: jax.Array, routes: dict, nxt: jax.Array,
+                   switched: jax.Array) -> tuple[KVCache, jax.Array]:
+    """After a routing switch, the cached K/V of the earlier tokens above the adapter were computed
+    under the old decision; the seed (no cache) recomputes every token each step. So the rows that
+    switched get the whole sequence re-run with the new decision imposed (``fixed``), a fresh cache
+    and the next token from it. Only taken (`lax.cond`) at a step where some row switched."""
+
+    def redo(_):
+        full = jnp.concatenate([s.prompt_tokens, jnp.maximum(out_tokens, 0)], axis=1)
+        fixed = {layer: {name: dict(r, fixed=True) for name, r in rs.items()} for layer, rs in routes.items()}
+        out = forward(params, cfg, full, attn_mask=mask, cache=cache, cache_index=0, prompt_len=s.prompt_len,
+                      routes=fixed, return_logits=False)
+        last = jax.lax.dynamic_slice_in_dim(out.hidden, slot, 1, axis=1)
+        again = jnp.argmax(unembed(params, cfg, last)[:, -1], axis=-1).astype(jnp.int32)
+        pick = lambda new, old: jnp.where(switched.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)  # noqa: E731
+        return jax.tree_util.tree_map(pick, out.cache, cache), pick(again, nxt)
+
+    return jax.lax.cond(jnp.any(switched), redo, lambda _: (cache, nxt), None)
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
@@ -106,7 +136,11 @@ def _decode_impl(params: Params, cfg: ModelConfig, cache: KVCache, state: Decode
         out = forward(params, cfg, tok[:, None], attn_mask=mask, positions=pos, cache=cache, cache_index=slot,
                       prompt_len=s.prompt_len, routes=s.routes)
         nxt = jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32)
-        return out.cache, s._replace(step=s.step + 1, next_token=nxt, out=out_tokens, done=done, mask=mask,
+        new_cache, switched = out.cache, _switched(out.routes)
+        if switched is not None:
+            new_cache, nxt = _redo_switched(params, cfg, out.cache, s, out_tokens, mask, slot, out.routes, nxt,
+                                            switched)
+        return new_cache, s._replace(step=s.step + 1, next_token=nxt, out=out_tokens, done=done, mask=mask,
                                      routes=out.routes)
 
     return jax.lax.while_loop(cond, body, (cache, state))
@@ -256,7 +290,8 @@ def _generate_batch(
     cache, nxt, routes = _prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(mask), cache, prompt_len)
     state = DecodeState(step=jnp.int32(0), next_token=nxt, out=jnp.full((b, new_bucket), -1, jnp.int32),
                         done=jnp.asarray(np.arange(b) >= n), mask=jnp.asarray(mask),
-                        prompt_len=prompt_len, prompt_slots=jnp.int32(p), routes=routes)
+                        prompt_len=prompt_len, prompt_slots=jnp.int32(p), routes=routes,
+                        prompt_tokens=jnp.asarray(tokens)[:, :p] if _switched(routes) is not None else None)
     decode = _decode_fn()
     stopped: list[int | None] = [None] * n  # per row: kept tokens once a stop string / rule fired
     step = 0

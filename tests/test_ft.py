@@ -126,11 +126,11 @@ def test_packed_reads_give_the_full_logits_loss_and_gradient(tiny, objective):
     """Only the read positions go through the LM head; loss and gradient equal the full-logits
     definition (targets of different lengths in one batch, so padding of the reads is exercised)."""
     from mirage_jax.editing import ft
-    from mirage_jax.editing.common import replace_down_kernels
+    from mirage_jax.editing.common import loss_reads, replace_down_kernels
     from mirage_jax.tokens import make_batch
 
     b = make_batch(tiny.tokenizer, ["t10 t11 t12", "t20 t21", "t30"], ["t50 t51 t52", "t60", "t70 t71"])
-    reads = ft.loss_reads(b.tokens, b.target_mask, b.prompt_last, objective)
+    reads = loss_reads(b.tokens, b.target_mask, b.prompt_last, objective)
     assert reads.pos.shape[1] == 4 and float(reads.mask.sum()) == 6  # K = 3 targets bucketed to 4
     w = {1: np.asarray(tiny.params["layers"][1]["mlp"]["down"]["kernel"]) * 1.5}
     hidden = forward(tiny.params, tiny.cfg, jnp.asarray(b.tokens), attn_mask=jnp.asarray(b.attn_mask),

@@ -30,7 +30,7 @@ from mirage_jax.model.adapters import ADAPTER_FILE, GRACE_MODES, AdapterError, h
 from mirage_jax.model.checkpoint import load_hf_checkpoint
 from mirage_jax.model.transformer import forward
 from mirage_jax.runner import RunConfig, RunError, run
-from tiny import save_tiny
+from tiny import qaedit_records, save_tiny
 
 LAYER = 1  # the tiny model's last layer
 
@@ -305,19 +305,13 @@ def test_bad_requests_are_one_line_errors_naming_the_record(tiny, prompt, target
 # --- the runner -------------------------------------------------------------------------------------
 
 
-def _records(n: int) -> list[dict]:
-    return [{"prompt": f"t{10 + 3 * i} t{11 + 3 * i} t5", "subject": f"t{11 + 3 * i}", "target": f"t{60 + i}",
-             "rephrase": f"t{11 + 3 * i} t{10 + 3 * i} t6",
-             "locality": [{"loc": f"t{90 + i} t99", "loc_ans": "t8"}]} for i in range(n)]
-
-
 def test_runner_single_restores_sequential_carries_and_resumes(tiny, tmp_path):
     """single: each sample on the unedited model + its own edit (restoring = dropping the codebook);
     sequential: the codebook grows across the sequence, a run killed after some result lines
     resumes and finishes each sample once; batch: refused with a clear error."""
     model, _ = tiny
     data = tmp_path / "edits.json"
-    data.write_text(json.dumps(_records(6)))
+    data.write_text(json.dumps(qaedit_records(6)))
     reqs = list(datasets.load_qaedit(data).requests)
     hp = GRACEConfig(layer=LAYER, eps=1e-3, n_iter=40, capacity=2)
     base = {"method": "GRACE", "model_name": "tiny", "dataset": "qaedit", "data_path": str(data),

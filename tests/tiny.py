@@ -157,3 +157,11 @@ def tiny_tokenizer(vocab_size: int = 128):
     word = lambda t: AddedToken(t, single_word=True, special=True)  # noqa: E731
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=word("t0"), pad_token=word("t0"),
                                    eos_token=word("t1"))
+
+
+def qaedit_records(n: int) -> list[dict]:
+    """`n` QAEdit-schema records in the tiny vocabulary (distinct prompts, one locality prompt each),
+    for runner tests of the adapter methods."""
+    return [{"prompt": f"t{10 + 3 * i} t{11 + 3 * i} t5", "subject": f"t{11 + 3 * i}", "target": f"t{60 + i}",
+             "rephrase": f"t{11 + 3 * i} t{10 + 3 * i} t6",
+             "locality": [{"loc": f"t{90 + i} t99", "loc_ans": "t8"}]} for i in range(n)]

@@ -22,6 +22,7 @@ from mirage_jax.editing.memit import MEMITConfig, memit_edit
 from mirage_jax.editing.mend import MENDConfig, editor_net, mend_edit, resolve_editor
 from mirage_jax.editing.rome import ROMEConfig, rome_edit
 from mirage_jax.editing.templates import templates_for
+from mirage_jax.editing.wise import WISEConfig, wise_edit, wise_templates
 
 EditFn = Callable[..., tuple[Any, dict]]
 PrepareFn = Callable[[Any, Any, Any, Any], dict]  # (params, cfg, tokenizer, hp) -> extra ctx for `apply`
@@ -53,6 +54,14 @@ def _ft(params, cfg, tokenizer, requests, hp: FTConfig):
 
 def _grace(params, cfg, tokenizer, requests, hp: GRACEConfig, stats=None, state=None):
     return grace_edit(params, cfg, tokenizer, requests, hp)
+
+
+def _wise(params, cfg, tokenizer, requests, hp: WISEConfig, stats=None, state=None, templates=None):
+    return wise_edit(params, cfg, tokenizer, requests, hp, templates)
+
+
+def _wise_prepare(params, cfg, tokenizer, hp: WISEConfig) -> dict:
+    return {"templates": wise_templates(params, cfg, tokenizer)}
 
 
 def _mend(params, cfg, tokenizer, requests, hp: MENDConfig, stats=None, state=None, editor=None):
@@ -96,6 +105,8 @@ METHODS: dict[str, EditMethod] = {
     "MEND": EditMethod("MEND", MENDConfig, _mend, batchable=True, prepare=_mend_prepare),
     # An adapter (a codebook under the edited layer's mlp), not a weight delta; one request per edit.
     "GRACE": EditMethod("GRACE", GRACEConfig, _grace, batchable=False, generated_synthetic=True),
+    # An adapter too (side memory + shards under the edited layer's mlp); one request per edit.
+    "WISE": EditMethod("WISE", WISEConfig, _wise, batchable=False, prepare=_wise_prepare),
 }
 
 

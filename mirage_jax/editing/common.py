@@ -4,12 +4,14 @@ teacher-forced target NLL that the gradient-based editors (FT-M, MEND) minimise.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from mirage_jax.tokens import EditInputError
+from mirage_jax.model.transformer import unembed
+from mirage_jax.tokens import EditInputError, bucket
 
 T = TypeVar("T")
 
@@ -72,3 +74,41 @@ def target_nll(logits: jax.Array, tokens: jax.Array, target_mask: jax.Array) -> 
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)  # position t predicts token t + 1
     tok_lp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
     return mean_per_request(-tok_lp, target_mask[:, 1:])
+
+
+class Reads(NamedTuple):
+    """Where the loss reads the model, packed: `[B, K]` positions whose output distribution scores a
+    target token, the token, and a mask (K = the most target tokens of a row, bucketed).
+
+    FT-M reads position t for the target token at t + 1 (teacher forcing); FT-L reads the last
+    prompt token for every target token (a bag of tokens under one distribution). Only these K
+    positions go through the LM head -- a 49k-word vocabulary costs as much as ten layers of a small
+    model per position, and the other positions' logits were computed to be masked away.
+    """
+
+    pos: jax.Array  # [B, K] int32
+    tok: jax.Array  # [B, K] int32
+    mask: jax.Array  # [B, K] float32
+
+
+def loss_reads(tokens: np.ndarray, target_mask: np.ndarray, prompt_last: np.ndarray, objective: str) -> Reads:
+    """The packed reads of a `make_batch` batch for `objective` ('target_new' or 'prompt_last');
+    rows whose `target_mask` is all zero (e.g. WISE's irrelevant row) read nothing."""
+    b = tokens.shape[0]
+    targets = [np.flatnonzero(target_mask[r]) for r in range(b)]
+    k = bucket(max((len(t) for t in targets), default=1), 4)
+    pos, tok, mask = np.zeros((b, k), np.int32), np.zeros((b, k), np.int32), np.zeros((b, k), np.float32)
+    for r, idx in enumerate(targets):
+        n = len(idx)
+        pos[r, :n] = idx - 1 if objective == "target_new" else prompt_last[r]
+        tok[r, :n], mask[r, :n] = tokens[r, idx], 1.0
+    return Reads(jnp.asarray(pos), jnp.asarray(tok), jnp.asarray(mask))
+
+
+def read_nll(params: Any, cfg: Any, hidden: jax.Array, reads: Reads) -> jax.Array:
+    """`mean_per_request` NLL of the read target tokens, given the final hidden states ``[B, T, D]``
+    (a forward with ``return_logits=False``): equals `target_nll` on the full logits for FT-M's reads,
+    at K/T of its LM-head cost."""
+    logits = unembed(params, cfg, jnp.take_along_axis(hidden, reads.pos[:, :, None], axis=1))  # [B, K, V]
+    tok_lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), reads.tok[:, :, None], axis=-1)[..., 0]
+    return mean_per_request(-tok_lp, reads.mask)

@@ -15,17 +15,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from mirage_jax.editing.common import check_layers, down_kernel, mean_per_request, replace_down_kernels
+from mirage_jax.editing.common import Reads, check_layers, down_kernel, loss_reads, read_nll, replace_down_kernels
 from mirage_jax.model.config import ModelConfig
-from mirage_jax.model.transformer import forward, unembed
-from mirage_jax.tokens import bucket, make_batch
+from mirage_jax.model.transformer import forward
+from mirage_jax.tokens import make_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,41 +39,11 @@ class FTConfig:
     batch_size: int = 1  # requests per edit in batch mode
 
 
-class Reads(NamedTuple):
-    """Where the loss reads the model, packed: `[B, K]` positions whose output distribution scores a
-    target token, the token, and a mask (K = the most target tokens of a row, bucketed).
-
-    FT-M reads position t for the target token at t + 1 (teacher forcing); FT-L reads the last
-    prompt token for every target token (a bag of tokens under one distribution). Only these K
-    positions go through the LM head -- a 49k-word vocabulary costs as much as ten layers of a small
-    model per position, and the other positions' logits were computed to be masked away.
-    """
-
-    pos: jax.Array  # [B, K] int32
-    tok: jax.Array  # [B, K] int32
-    mask: jax.Array  # [B, K] float32
-
-
-def loss_reads(tokens: np.ndarray, target_mask: np.ndarray, prompt_last: np.ndarray, objective: str) -> Reads:
-    """The packed reads of a `make_batch` batch for `objective` ('target_new' or 'prompt_last')."""
-    b = tokens.shape[0]
-    targets = [np.flatnonzero(target_mask[r]) for r in range(b)]
-    k = bucket(max((len(t) for t in targets), default=1), 4)
-    pos, tok, mask = np.zeros((b, k), np.int32), np.zeros((b, k), np.int32), np.zeros((b, k), np.float32)
-    for r, idx in enumerate(targets):
-        n = len(idx)
-        pos[r, :n] = idx - 1 if objective == "target_new" else prompt_last[r]
-        tok[r, :n], mask[r, :n] = tokens[r, idx], 1.0
-    return Reads(jnp.asarray(pos), jnp.asarray(tok), jnp.asarray(mask))
-
-
 def _loss(trainable, params, cfg: ModelConfig, start: int, hidden, attn_mask, reads: Reads):
     """Mean NLL of the read target tokens, `mean_per_request` (both objectives: only `reads` differ)."""
     p = replace_down_kernels(params, trainable)
     h = forward(p, cfg, None, attn_mask=attn_mask, start_layer=start, hidden=hidden, return_logits=False).hidden
-    logits = unembed(p, cfg, jnp.take_along_axis(h, reads.pos[:, :, None], axis=1))  # [B, K, V]
-    tok_lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), reads.tok[:, :, None], axis=-1)[..., 0]
-    return mean_per_request(-tok_lp, reads.mask)
+    return read_nll(p, cfg, h, reads)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "hp"))

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mirage_jax.editing.common import check_layers, for_case, replace_mlp, target_nll
+from mirage_jax.editing.common import Reads, check_layers, for_case, loss_reads, read_nll, replace_mlp
 from mirage_jax.model.adapters import GRACE_MODES, empty_grace, grace_distances, grow
 from mirage_jax.model.config import ModelConfig
 from mirage_jax.model.transformer import forward
@@ -74,8 +74,7 @@ def _probe(params, cfg: ModelConfig, layer: int, tokens, attn_mask, key_col, cod
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "hp"))
-def _train_value(params, cfg: ModelConfig, hp: GRACEConfig, index, hidden, tokens, attn_mask, target_mask,
-                 prompt_len):
+def _train_value(params, cfg: ModelConfig, hp: GRACEConfig, index, hidden, attn_mask, reads: Reads, prompt_len):
     """`hp.n_iter` Adam steps on ``values[index]`` of the codebook already in `params`; returns the
     trained value and the loss before the first and after the last step."""
     layer = hp.layer
@@ -83,9 +82,9 @@ def _train_value(params, cfg: ModelConfig, hp: GRACEConfig, index, hidden, token
 
     def loss_fn(value):
         p = replace_mlp(params, {(layer, "grace"): dict(cb, values=cb["values"].at[index].set(value))})
-        logits = forward(p, cfg, None, attn_mask=attn_mask, start_layer=layer, hidden=hidden,
-                         prompt_len=prompt_len).logits
-        return target_nll(logits, tokens, target_mask)
+        h = forward(p, cfg, None, attn_mask=attn_mask, start_layer=layer, hidden=hidden, prompt_len=prompt_len,
+                    return_logits=False).hidden
+        return read_nll(p, cfg, h, reads)
 
     opt = optax.adam(hp.edit_lr)
     grad = jax.grad(loss_fn)
@@ -162,8 +161,8 @@ def grace_edit(params: Any, cfg: ModelConfig, tokenizer: Any, requests: Sequence
             if hp.eps_expand == "moving_average":
                 cb["keys"] = cb["keys"].at[nearest].set(0.5 * cb["keys"][nearest] + 0.5 * query)
     edited = replace_mlp(params, {(layer, "grace"): cb})
-    value, loss0, loss = _train_value(edited, cfg, hp, jnp.int32(index), hidden, tokens, attn,
-                                      jnp.asarray(b.target_mask), jnp.asarray(b.prompt_len))
+    reads = loss_reads(b.tokens, b.target_mask, b.prompt_last, "target_new")
+    value, loss0, loss = _train_value(edited, cfg, hp, jnp.int32(index), hidden, attn, reads, jnp.asarray(b.prompt_len))
     cb = dict(cb, values=cb["values"].at[index].set(value))
     info = {"action": action, "entry": index, "entries": int(cb["count"]), "capacity": int(cb["keys"].shape[0]),
             "distance": dist if count else None, "loss_before": float(loss0), "loss": float(loss)}

@@ -107,10 +107,111 @@ def grace_apply(cb: Mapping[str, jax.Array], key: jax.Array, out: jax.Array, pos
     return jnp.where(where[..., None], value[:, None, :].astype(out.dtype), out), {"hit": hit, "value": value}
 
 
+# --- WISE -------------------------------------------------------------------------------------
+
+WISE_ROUTERS = ("prompt", "sequence")
+NO_ACT = 1e9  # the seed's EditingMeanAct start: a memory without edits never passes its threshold
+# memories[0] is the side memory being written, memories[1:count] the saved shards (oldest first)
+WISE_LEAVES = {"memories": (None, ("C", "F", "D")), "min_act": ("float32", ("C",)), "count": ("int32", ()),
+               "edits": ("int32", ()), "act_ratio": ("float32", ()), "router": ("int32", ()),
+               "gelu": ("int32", ()), "bias": (None, ("D",))}
+LONG_SEQUENCE = 100  # the seed's euc(infer=True): over 100 tokens the distance is the top-1 token's
+
+
+def empty_wise(down_kernel: jax.Array, capacity: int, act_ratio: float, router: str, gelu: bool,
+               bias: jax.Array | None = None) -> dict:
+    """A WISE adapter whose side memory is a copy of the down kernel ``[F, D]`` (no shards yet).
+    ``bias``: the down projection's (GPT-J's fc_out has one), part of every memory's output as of
+    the original's -- a copy of the layer includes its bias; zeros where the model has none."""
+    if router not in WISE_ROUTERS:
+        raise ValueError(f"WISE router must be one of {', '.join(WISE_ROUTERS)}, got {router!r}")
+    mem = jnp.zeros((capacity,) + down_kernel.shape, down_kernel.dtype).at[0].set(down_kernel)
+    return {"memories": mem, "min_act": jnp.full((capacity,), NO_ACT, jnp.float32), "count": jnp.int32(1),
+            "edits": jnp.int32(0), "act_ratio": jnp.float32(act_ratio), "router": jnp.int32(WISE_ROUTERS.index(router)),
+            "gelu": jnp.int32(gelu),
+            "bias": jnp.zeros(down_kernel.shape[1:], down_kernel.dtype) if bias is None
+            else bias.astype(down_kernel.dtype)}
+
+
+def wise_act(gelu: jax.Array, x: jax.Array) -> jax.Array:
+    """The model's MLP activation, which the seed applies to the down-projection *outputs* before
+    comparing them (spec 4.7)."""
+    return jnp.where(gelu > 0, jax.nn.gelu(x, approximate=True), jax.nn.silu(x))
+
+
+def wise_token_distances(w: Mapping[str, jax.Array], key: jax.Array, out: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Each memory's output ``key @ memory + bias`` ``[B, T, C, D]`` and its per-token distance to
+    the main output ``out``: ``|act(side) - act(out)|_2`` ``[B, T, C]`` float32."""
+    side = jnp.einsum("btf,cfd->btcd", key, w["memories"].astype(key.dtype)) + w["bias"].astype(key.dtype)
+    a_side = wise_act(w["gelu"], side.astype(jnp.float32))
+    a_out = wise_act(w["gelu"], out.astype(jnp.float32))[:, :, None, :]
+    return side, jnp.linalg.norm(a_side - a_out, axis=-1)
+
+
+def wise_choice(stat: jax.Array, min_act: jax.Array, count: jax.Array, act_ratio: jax.Array) -> jax.Array:
+    """The seed's retrieval rule on per-memory distances ``stat`` ``[B, C]`` -> ``[B]``: -1 = the
+    original output, else the memory index. The side memory (0) is used when its distance reaches
+    ``act_ratio x`` its minimum recorded edit distance; a shard takes over when its distance
+    exceeds both the current best (starting at the side memory's, whether or not that was used)
+    and its own threshold."""
+    thr = act_ratio * min_act
+    choice = jnp.where(stat[:, 0] < thr[0], -1, 0)
+    best = stat[:, 0]
+    for i in range(1, stat.shape[1]):
+        take = (i < count) & (stat[:, i] > best) & (stat[:, i] > thr[i])
+        choice = jnp.where(take, i, choice)
+        best = jnp.where(take, stat[:, i], best)
+    return choice
+
+
+def real_tokens(positions: jax.Array) -> jax.Array:
+    """``[B, T]`` bool: not left padding. Pads have position 0, as has the first real token, which
+    is the *last* column with position 0 (a decode step has none: all its tokens are real)."""
+    col, present = key_index(positions, jnp.ones(positions.shape[:1], jnp.int32))
+    return ~present[:, None] | (jnp.arange(positions.shape[1])[None, :] >= col[:, None])
+
+
+def wise_apply(w: Mapping[str, jax.Array], key: jax.Array, out: jax.Array, positions: jax.Array,
+               prompt_len: jax.Array, carried: Mapping[str, jax.Array] | None) -> tuple[jax.Array, dict]:
+    """WISE at one layer (spec 4.7): per row, the original MLP output, the side memory's or a
+    shard's, chosen by `wise_choice` on the mean per-token distance (the maximum beyond
+    `LONG_SEQUENCE` tokens) over the tokens seen so far -- all real tokens (router ``sequence``,
+    the seed's recomputation over the growing sequence: a decode step can switch, and says so in
+    ``switched``) or only the prompt's (router ``prompt``: decided at prefill, kept). The running
+    sums travel in the route, so a KV-cached step costs one token. A route with ``fixed`` (the
+    decode loop's recomputation after a switch) imposes its choice and changes nothing."""
+    side, dist = wise_token_distances(w, key, out)
+    b = key.shape[0]
+    if carried is not None and "fixed" in carried:
+        choice, route = carried["choice"], {k: v for k, v in carried.items() if k != "fixed"}
+    else:
+        counted = real_tokens(positions) & ((w["router"] == 1) | (positions < prompt_len[:, None]))
+        cf = counted.astype(jnp.float32)[..., None]
+        c = w["memories"].shape[0]
+        prev = carried or {"sum": jnp.zeros((b, c)), "max": jnp.zeros((b, c)), "n": jnp.zeros((b,), jnp.int32),
+                           "choice": jnp.full((b,), -1, jnp.int32)}
+        total = prev["sum"] + jnp.sum(dist * cf, axis=1)
+        top = jnp.maximum(prev["max"], jnp.max(dist * cf, axis=1))
+        n = prev["n"] + jnp.sum(counted, axis=1).astype(jnp.int32)
+        stat = jnp.where((n > LONG_SEQUENCE)[:, None], top, total / jnp.maximum(n, 1)[:, None])
+        choice = wise_choice(stat, w["min_act"], w["count"], w["act_ratio"])
+        switched = jnp.zeros((b,), bool) if carried is None else choice != prev["choice"]
+        route = {"sum": total, "max": top, "n": n, "choice": choice, "switched": switched}
+    picked = jnp.take_along_axis(side, jnp.maximum(choice, 0)[:, None, None, None], axis=2)[:, :, 0]
+    return jnp.where((choice >= 0)[:, None, None], picked.astype(out.dtype), out), route
+
+
+def grow_wise(w: dict) -> dict:
+    """The same adapter with room for twice as many memories (new rows zero, masked by ``count``)."""
+    c = w["memories"].shape[0]
+    return dict(w, memories=jnp.concatenate([w["memories"], jnp.zeros_like(w["memories"])]),
+                min_act=jnp.concatenate([w["min_act"], jnp.full((c,), NO_ACT, jnp.float32)]))
+
+
 # --- the forward's entry point ------------------------------------------------------------------
 
 # adapter leaf name -> function (leaves, key, out, positions, prompt_len, carried) -> (out, route)
-ADAPTERS = {"grace": grace_apply}
+ADAPTERS = {"grace": grace_apply, "wise": wise_apply}
 
 
 def mlp_adapters(mlp: Mapping[str, Any]) -> tuple[str, ...]:
@@ -188,25 +289,33 @@ def load_adapters(params: Mapping[str, Any], cfg: Any, ckpt_dir: str | Path) -> 
         grouped.setdefault((layer, adapter), {})[leaf] = arr
     layers = list(params["layers"])
     for (layer, adapter), leaves in sorted(grouped.items()):
-        _check_grace(path, layer, leaves, layers[layer]["mlp"]["down"]["kernel"].shape)
+        _check_leaves(path, layer, adapter, leaves, layers[layer]["mlp"]["down"]["kernel"])
         mlp = dict(layers[layer]["mlp"], **{adapter: {k: jnp.asarray(v) for k, v in leaves.items()}})
         layers[layer] = dict(layers[layer], mlp=mlp)
     return dict(params, layers=layers)
 
 
-def _check_grace(path: Path, layer: int, leaves: Mapping[str, np.ndarray], down_shape: tuple[int, int]) -> None:
-    where = f"{path}: layers.{layer}.mlp.grace"
-    missing = sorted(set(GRACE_LEAVES) - set(leaves))
+def _check_leaves(path: Path, layer: int, adapter: str, leaves: Mapping[str, np.ndarray], down: jax.Array) -> None:
+    where = f"{path}: layers.{layer}.mlp.{adapter}"
+    spec = GRACE_LEAVES if adapter == "grace" else WISE_LEAVES
+    down_shape = down.shape
+    missing = sorted(set(spec) - set(leaves))
     if missing:
         raise AdapterError(f"{where}.{missing[0]} is missing")
-    capacity = leaves["keys"].shape[0] if leaves["keys"].ndim else -1
+    first = leaves["keys" if adapter == "grace" else "memories"]
+    capacity = first.shape[0] if first.ndim else -1
     sizes = {"C": capacity, "F": down_shape[0], "D": down_shape[1]}
-    for leaf, (dtype, dims) in GRACE_LEAVES.items():
+    for leaf, (dtype, dims) in spec.items():
+        dtype = dtype or str(down.dtype)
         want = tuple(sizes[d] for d in dims)
         got = leaves[leaf]
         if got.shape != want or str(got.dtype) != dtype:
             raise AdapterError(f"{where}.{leaf}: {got.dtype}{list(got.shape)} does not match this model "
                                f"(expected {dtype}{list(want)}: d_ff={down_shape[0]}, d_model={down_shape[1]})")
+    if adapter == "wise":
+        if not 1 <= int(leaves["count"]) <= capacity or not 0 <= int(leaves["router"]) < len(WISE_ROUTERS):
+            raise AdapterError(f"{where}: count {int(leaves['count'])} / router {int(leaves['router'])} out of range")
+        return
     if not 0 <= int(leaves["count"]) <= capacity or not 0 <= int(leaves["mode"]) < len(GRACE_MODES):
         raise AdapterError(f"{where}: count {int(leaves['count'])} / mode {int(leaves['mode'])} out of range")
 
