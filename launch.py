@@ -58,6 +58,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from mirage_jax import distributed
+
+    distributed.initialize_from_flags()  # a multi-host run: before any JAX computation (the judge cache broadcasts)
     from configs import get_hparams
     from mirage_jax import datasets
     from mirage_jax.editing import get_method
@@ -96,7 +99,8 @@ def main(argv):
     summary = run(model, list(data.requests), method, hp, rc, judge, stats=stats)
     files = [Path(FLAGS.output_dir) / f"{rc.run_name}{suffix}"
              for suffix in (".jsonl", "_summary.json", "_table.md", "_curve.jsonl")]
-    print(end_of_run_text(summary, [f for f in files if f.exists()]))
+    if distributed.is_writer():  # the others wrote nothing to list
+        print(end_of_run_text(summary, [f for f in files if f.exists()]))
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 
 `launch.py`, `python -m mirage_jax.generate`, `python -m mirage_jax.editing.stats`,
 `python -m mirage_jax.editing.mend_train` and the benchmarks all load a model the same way; their
-`--model` / `--dtype` / `--allow_pickle` / `--mesh` are defined here so that a flag means the
-same thing, with the same default and help text, wherever it appears. Likewise `--hp` /
-`--hparams_for` for the commands that read `configs/`, and `--judge` / `--judge_model` /
+`--model` / `--dtype` / `--allow_pickle` / `--mesh` (and the multi-host start-up flags) are
+defined here so that a flag means the same thing, with the same default and help text, wherever
+it appears. Likewise `--hp` / `--hparams_for` for the commands that read `configs/`, and `--judge` / `--judge_model` /
 `--judge_base_url` for `launch.py` and `python -m mirage_jax.regrade`.
 """
 
@@ -69,6 +69,21 @@ def define_model_flags(fv: flags.FlagValues = flags.FLAGS, dtype_default: str | 
     _define("mesh", fv, flags.DEFINE_string, "",
             "device mesh as axis:size pairs over data, fsdp, tensor (e.g. data:2,tensor:4; -1 = the rest); "
             "empty: fsdp over every device. Parameters load straight into their shards")
+    define_distributed_flags(fv)
+
+
+def define_distributed_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+    """--distributed, --coordinator_address, --num_processes, --process_id: a multi-host run
+    (`mirage_jax.distributed`). All unset: one process. Defined with the model flags, so every
+    command that loads a model can run on a TPU VM slice or a cluster."""
+    _define("distributed", fv, flags.DEFINE_bool, False,
+            "join a multi-host run whose processes the environment describes (TPU VM slice, SLURM, Open MPI): "
+            "run the same command on every worker; only process 0 writes")
+    _define("coordinator_address", fv, flags.DEFINE_string, None,
+            "multi-host run without autodetection (GPU cluster, CPU processes): process 0's host:port; "
+            "with --num_processes and --process_id")
+    _define("num_processes", fv, flags.DEFINE_integer, None, "multi-host run: how many processes")
+    _define("process_id", fv, flags.DEFINE_integer, None, "multi-host run: this process's index (0 writes)")
 
 
 def define_hparam_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
@@ -103,8 +118,10 @@ def judge_from_flags(cache_path: str | None, fv: flags.FlagValues = flags.FLAGS)
 
 def load_model_from_flags(fv: flags.FlagValues = flags.FLAGS, dtype: str | None = None) -> Model:
     """The model the flags name (`dtype` overrides --dtype where the command decided it)."""
+    from mirage_jax.distributed import initialize_from_flags
     from mirage_jax.model import load_model
 
+    initialize_from_flags(fv)  # before the first JAX computation (idempotent)
     return load_model(fv.model, dtype=dtype or fv.dtype or "float32", allow_pickle=fv.allow_pickle,
                       mesh=mesh_from_flags(fv))
 

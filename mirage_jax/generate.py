@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
+from mirage_jax import distributed
 from mirage_jax.model import sharding
 from mirage_jax.model.config import ModelConfig
 from mirage_jax.model.transformer import KVCache, Params, forward, init_cache, unembed
@@ -299,14 +300,14 @@ def _generate_batch(
         cache, state = decode(params, cfg, cache, state, jnp.int32(min(step + chunk, max_new)), stop_ids)
         # Host side: the only values fetched per chunk are `step`, `done` and, to check text stops, `out`.
         step = int(state.step)
-        done = np.asarray(state.done).copy()
+        done = distributed.fetch(state.done).copy()  # rows split across processes are gathered first
         if stop_strings or stop_fn:
-            stopped = _text_stops(tokenizer, np.asarray(state.out)[:n], step, stopped, stop_strings, stop_fn)
+            stopped = _text_stops(tokenizer, distributed.fetch(state.out)[:n], step, stopped, stop_strings, stop_fn)
             done[:n] |= np.array([hit is not None for hit in stopped])
         state = state._replace(done=jnp.asarray(done))
         if done.all():
             break
-    out = np.asarray(state.out)[:n, :max_new]
+    out = distributed.fetch(state.out)[:n, :max_new]
     eos = set(cfg.eos_token_ids)
     return [_generation(tokenizer, row, hit, eos) for row, hit in zip(out, stopped)]
 

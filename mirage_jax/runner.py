@@ -32,7 +32,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from mirage_jax import io
+from mirage_jax import distributed, io
 from mirage_jax.datasets import EditRequest
 from mirage_jax.editing import EditMethod
 from mirage_jax.evaluation import synthetic, wild
@@ -205,6 +205,17 @@ def _public(metrics: dict) -> dict:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
+    """Lines of a results file, as process 0 reads them (`_read_jsonl_here`), on every process: in a
+    multi-host run the processes must agree on what is finished, whatever their own disks hold."""
+    return distributed.broadcast_json(_read_jsonl_here(path) if distributed.is_writer() else None)
+
+
+def _exists(path: Path) -> bool:
+    """Whether `path` exists for process 0 (the writer), on every process."""
+    return distributed.broadcast_json(path.exists() if distributed.is_writer() else None)
+
+
+def _read_jsonl_here(path: Path) -> list[dict]:
     """Lines of a results file. A torn line (the run was killed while writing it) is dropped
     and the file rewritten without it, so that appending goes on from a clean line end."""
     if not path.exists():
@@ -222,9 +233,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _append(path: Path, row: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
+    io.append_line(path, json.dumps(row, ensure_ascii=False))
 
 
 def _fingerprint(model: Any) -> str:
@@ -241,7 +250,6 @@ def pre_cache_path(model: Any, rc: RunConfig, judge: Judge) -> Path:
 def pre_edit(model: Any, reqs: Sequence[EditRequest], rc: RunConfig, judge: Judge) -> dict[int, dict]:
     """Pre-edit metrics of every request, from the cache where present, computed in batches."""
     path = pre_cache_path(model, rc, judge)
-    path.parent.mkdir(parents=True, exist_ok=True)
     done = {row["case_id"]: row["metrics"] for row in _read_jsonl(path)}
     todo = [r for r in reqs if r.case_id not in done]
     for s in tqdm(range(0, len(todo), rc.eval_batch), desc="pre-edit eval", disable=not todo):
@@ -300,14 +308,14 @@ def run(model: Any, requests: Sequence[EditRequest], method: EditMethod, hp: Any
     if rc.edit_mode == "batch" and not method.batchable:
         raise RunError(f"method {method.name} cannot batch-edit; use --edit_mode=single or sequential")
     out_dir = Path(rc.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    io.makedirs(out_dir)
     if method.generated_synthetic and not rc.generated_synthetic:
         rc = dataclasses.replace(rc, generated_synthetic=True)
     results = out_dir / f"{rc.run_name}.jsonl"
-    if results.exists() and not rc.resume:
+    if not rc.resume and _exists(results):
         raise RunError(f"{results} exists; pass --resume to continue it or choose another --output_dir")
     curve_file = out_dir / f"{rc.run_name}_curve.jsonl"
-    if rc.eval_at and curve_file.exists() and not rc.resume:
+    if rc.eval_at and not rc.resume and _exists(curve_file):
         raise RunError(f"{curve_file} exists; pass --resume to continue it or choose another --output_dir")
     if rc.eval_at and rc.eval_at[-1] > len(requests):
         raise RunError(f"eval_at point {rc.eval_at[-1]} exceeds the {len(requests)} requests")

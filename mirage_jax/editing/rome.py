@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mirage_jax import distributed
 from mirage_jax.editing.common import check_layers, down_kernel, for_case, replace_down_kernels
 from mirage_jax.editing.least_squares import KeyStatistics
 from mirage_jax.editing.locate import subject_span
@@ -95,7 +96,7 @@ def key_covariance_solve(stats: KeyStatistics, layer: int, k: np.ndarray) -> np.
     if factor.shape != (k.shape[0],) * 2:
         raise ValueError(f"ROME: the key second moment of layer {layer} has shape {factor.shape}; "
                          f"expected [{k.shape[0]}, {k.shape[0]}]")
-    u = np.asarray(factor.solve(jnp.asarray(k)))
+    u = distributed.fetch(factor.solve(jnp.asarray(k)))
     if not np.all(np.isfinite(u)):
         raise ValueError(f"ROME: the key second moment of layer {layer} is singular; collect more samples")
     return u
@@ -126,8 +127,8 @@ def rome_edit(params: Any, cfg: ModelConfig, tokenizer: Any, requests: Sequence[
     for r in requests:
         problem = for_case(r, build_problem, tokenizer, [r.prompt], [r.subject], [r.target_new], templates)
         b = problem.batch
-        keys, outs = jax.device_get(subject_keys(params, cfg, layer, jnp.asarray(b.tokens),
-                                                 jnp.asarray(b.attn_mask), jnp.asarray(b.subject_last)))
+        keys, outs = distributed.fetch(subject_keys(params, cfg, layer, jnp.asarray(b.tokens),
+                                                    jnp.asarray(b.attn_mask), jnp.asarray(b.subject_last)))
         k_mean, wk_mean = keys[:m].mean(0), outs[:m].mean(0)  # template-averaged (row 0 = plain)
         k_plain, wk_plain = keys[0], outs[0]
         prompt_keys = hp.variant == "r-rome" and hp.key_mode == "prompt"

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mirage_jax import distributed
 from mirage_jax.model.config import ModelConfig
 from mirage_jax.model.transformer import forward, init_cache
 from mirage_jax.tokens import bucket
@@ -69,7 +70,7 @@ def sample_texts(params: Any, cfg: ModelConfig, tokenizer: Any, prompts: Sequenc
     for r, row in enumerate(ids):
         tokens[r, p - len(row):] = row
         mask[r, p - len(row):p] = 1
-    new = np.asarray(_sample_top_k(params, cfg, jnp.asarray(tokens), jnp.asarray(mask), key, max_new))
+    new = distributed.fetch(_sample_top_k(params, cfg, jnp.asarray(tokens), jnp.asarray(mask), key, max_new))
     texts = []
     for row, gen, n in zip(ids, new, lengths):
         full = row + [int(t) for t in gen[: max(0, n - len(row))]]

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mirage_jax import distributed
 from mirage_jax.editing.locate import SubjectBatch, SubjectRow, locate_batch
 from mirage_jax.editing.templates import template_prefix
 from mirage_jax.model.config import ModelConfig
@@ -249,6 +250,6 @@ def value_optimisation(
     out = _optimise(params, cfg, settings, s, *(jnp.asarray(a) for a in (
         b.tokens, b.attn_mask, b.subject_last, p.row_request, p.init_row, p.read_row, p.read_pos, p.read_label,
         p.read_request, p.nll_weight, p.is_kl)))
-    delta, v_init, loss, nll, kl, steps, evals = jax.device_get(out)
+    delta, v_init, loss, nll, kl, steps, evals = distributed.fetch(out)  # gathered where split across processes
     return ValueResult(np.asarray(delta), np.asarray(v_init), np.asarray(loss), np.asarray(nll), np.asarray(kl),
                        np.asarray(steps), int(evals))

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import jinja2
 import numpy as np
 
+from mirage_jax import distributed, io
 from mirage_jax.evaluation.answers import contains_answer, exact_match
 from mirage_jax.model.transformer import KVCache, forward, init_cache, unembed
 from mirage_jax.tokens import bucket
@@ -198,16 +199,18 @@ class VerdictCache:
         self._verdicts: dict[str, float] = {}
         self._margins: dict[str, float] = {}  # local judge: logit margin of "A" over "B"
         self._lock = threading.Lock()
-        if self.path is not None and self.path.exists():
-            with self.path.open(encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    try:
-                        entry = json.loads(line)
-                        self._verdicts[entry["key"]] = float(entry["verdict"])
-                        if entry.get("margin") is not None:
-                            self._margins[entry["key"]] = float(entry["margin"])
-                    except (ValueError, KeyError, TypeError):
-                        log.warning("judge cache %s: ignoring unreadable line %d", self.path, lineno)
+        if self.path is not None:  # process 0's file on every process (multi-host: the same cache hits everywhere)
+            lines = distributed.broadcast_json(
+                self.path.read_text(encoding="utf-8").splitlines() if distributed.is_writer() and self.path.exists()
+                else [])
+            for lineno, line in enumerate(lines, 1):
+                try:
+                    entry = json.loads(line)
+                    self._verdicts[entry["key"]] = float(entry["verdict"])
+                    if entry.get("margin") is not None:
+                        self._margins[entry["key"]] = float(entry["margin"])
+                except (ValueError, KeyError, TypeError):
+                    log.warning("judge cache %s: ignoring unreadable line %d", self.path, lineno)
 
     def get(self, key: str) -> float | None:
         return self._verdicts.get(key)
@@ -226,9 +229,7 @@ class VerdictCache:
             if margin is not None:
                 self._margins[key] = margin
             if self.path is not None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                with self.path.open("a", encoding="utf-8") as f:
-                    f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+                io.append_line(self.path, json.dumps(entry, ensure_ascii=False))
 
     def __len__(self) -> int:
         return len(self._verdicts)

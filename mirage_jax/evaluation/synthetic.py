@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mirage_jax import distributed
 from mirage_jax.generate import generate_ids
 from mirage_jax.model.config import ModelConfig
 from mirage_jax.model.transformer import forward
@@ -45,8 +46,8 @@ def predicted_target_tokens(
     out: list[tuple[np.ndarray, np.ndarray]] = []
     for s in range(0, len(prompts), batch_size):
         b = make_batch(tokenizer, prompts[s : s + batch_size], targets[s : s + batch_size])
-        pred = np.asarray(_argmax_tokens(params, cfg, jnp.asarray(b.tokens), jnp.asarray(b.attn_mask),
-                                         jnp.asarray(b.prompt_len)))
+        pred = distributed.fetch(_argmax_tokens(params, cfg, jnp.asarray(b.tokens), jnp.asarray(b.attn_mask),
+                                                jnp.asarray(b.prompt_len)))
         for r in range(b.n_rows):
             pos = np.nonzero(b.target_mask[r])[0]
             out.append((pred[r, pos - 1], b.tokens[r, pos]))

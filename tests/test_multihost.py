@@ -1,0 +1,150 @@
+"""A real multi-host run on loopback: 2 processes x 4 CPU devices, the gloo collectives, `launch.py`
+end to end, against the same run in one process on one device.
+
+Each process is what one TPU VM worker would run: the same command line but its `--process_id`.
+Process 1 gets its *own* `--output_dir` (a worker's local disk), so the run proves three things at
+once: process 1 writes nothing (its folder never appears); `--resume` works without a shared file
+system (process 1 learns the finished case ids and the pre-edit cache from process 0's broadcast --
+reading its own empty folder it would redo every edit while process 0 redoes one, and the two would
+hang in a collective or disagree); and results computed on a mesh spanning two processes, whose
+sharded arrays must be gathered before the host reads them, equal the one-device results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tiny import qaedit_records, save_tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = "FT-M_ckpt_qaedit_single_both_question-only"
+# FT-M strong enough that edits succeed and locality moves (the post-edit rows differ from the pre-edit ones).
+COMMON = ["--method=FT-M", "--dataset=qaedit", "--evaluation=both", "--context_type=question-only",
+          "--judge=exact_match", "--max_new_tokens=4", "--hparams_for=smollm2-135m", "--hp", "layers=1",
+          "--hp", "num_steps=10", "--hp", "lr=5e-2"]
+TIMEOUT_S = 240  # one launch; a disagreement between the processes shows as a hang in a collective
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(outs: list[Path], devices: int, args: list[str]) -> list[subprocess.CompletedProcess]:
+    """`launch.py args` in len(outs) processes of `devices` CPU devices each, process i writing to outs[i]."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS", "OPENAI_API_KEY")}
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+               TOKENIZERS_PARALLELISM="false")
+    n, port = len(outs), _free_port()
+    procs = []
+    for i, out in enumerate(outs):
+        dist = [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={n}", f"--process_id={i}"] if n > 1 else []
+        procs.append(subprocess.Popen([sys.executable, "launch.py", *args, f"--output_dir={out}", *dist], cwd=ROOT,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    deadline, done = time.monotonic() + TIMEOUT_S, []
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            done.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+            p.communicate()
+        pytest.fail(f"{n} processes did not finish within {TIMEOUT_S} s (a hang in a collective?)")
+    for i, p in enumerate(done):
+        assert p.returncode == 0, f"process {i}: {p.stderr[-3000:]}"
+    return done
+
+
+def _same(a, b, where: str = "") -> list[str]:
+    """Where two results rows differ: floats beyond 1e-5 (sharded reductions round differently),
+    anything else at all; the edit's wall time is not compared."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return [f"{where}: keys {sorted(a)} vs {sorted(b)}"]
+        keys = [k for k in a if not (where.endswith("edit") and k == "seconds")]
+        return [d for k in keys for d in _same(a[k], b[k], f"{where}.{k}")]
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [f"{where}: {len(a)} vs {len(b)} items"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _same(x, y, f"{where}[{i}]")]
+    if isinstance(a, float) and isinstance(b, float):
+        return [] if abs(a - b) <= 1e-5 * max(1.0, abs(b)) else [f"{where}: {a} vs {b}"]
+    return [] if type(a) is type(b) and a == b else [f"{where}: {a!r} vs {b!r}"]
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_two_processes_on_loopback_equal_one_process_and_only_process_0_writes(tmp_path):
+    ckpt = save_tiny("llama", tmp_path / "ckpt", seed=5)
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(qaedit_records(3)))
+    args = [*COMMON, f"--model={ckpt}", f"--data_path={data}"]
+    out, own_disk = tmp_path / "out", tmp_path / "process1_disk" / "out"
+
+    # Two processes: the first two records on a data x tensor mesh (batch rows on two processes, heads
+    # within each), then --resume with all three on fsdp:8 (every weight split over both processes).
+    first = _launch([out, own_disk], 4, [*args, "--ds_size=2", "--mesh=data:2,tensor:4"])
+    after_first = _rows(out / f"{RUN}.jsonl")
+    resumed = _launch([out, own_disk], 4, [*args, "--resume", "--mesh=fsdp:8"])
+    reference = tmp_path / "reference"
+    _launch([reference], 1, args)
+
+    rows, ref = _rows(out / f"{RUN}.jsonl"), _rows(reference / f"{RUN}.jsonl")
+    assert [r["case_id"] for r in after_first] == [0, 1]
+    assert rows[:2] == after_first  # resumed: the finished rows were kept, not redone (same edit seconds)
+    assert [r["case_id"] for r in rows] == [r["case_id"] for r in ref] == [0, 1, 2]
+    assert _same(rows, ref) == []
+    # Not a vacuous comparison: the edits took and moved locality, and the one-device run agrees.
+    assert all(r["post"]["synthetic"]["rewrite_acc"] == 1.0 for r in ref)
+    assert any(r["post"]["synthetic"]["locality"]["neighborhood_acc"] < 1.0 for r in ref)
+    summary = json.loads((out / f"{RUN}_summary.json").read_text())
+    assert _same(summary, json.loads((reference / f"{RUN}_summary.json").read_text())) == []
+
+    # One writer: process 0's folder holds exactly one run's files, process 1's folder never appeared.
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert written[1:] == [f"{RUN}.jsonl", f"{RUN}_summary.json", f"{RUN}_table.md"]
+    assert written[0].startswith(".pre_cache/") and written[0].endswith(".jsonl")
+    assert not own_disk.parent.exists()
+    for run in (first, resumed):  # only process 0 reports the files it wrote
+        assert f"{out / RUN}.jsonl" in run[0].stdout and "| ckpt | FT-M |" in run[0].stdout
+        assert "| ckpt |" not in run[1].stdout and str(out) not in run[1].stdout  # (gloo's own lines aside)
+
+
+def test_distributed_flags_are_all_or_none_and_one_process_is_untouched():
+    """Half-given coordinator flags are a one-line error before anything starts; no flags leave JAX
+    alone (no distributed client: every write happens, broadcasts are the identity)."""
+    from absl import flags
+
+    from mirage_jax import cli, distributed
+
+    fv = flags.FlagValues()
+    cli.define_distributed_flags(fv)
+    fv(["prog"])
+    assert distributed.initialize_from_flags(fv) is False
+    assert not jax_distributed_initialized() and distributed.is_writer()
+    assert distributed.broadcast_json({"a": [1]}) == {"a": [1]}
+    fv(["prog", "--coordinator_address=127.0.0.1:1", "--process_id=0"])
+    with pytest.raises(distributed.DistributedError, match="go together") as err:
+        distributed.initialize_from_flags(fv)
+    assert "\n" not in str(err.value)
+    with pytest.raises(distributed.DistributedError, match=r"--process_id=2 is outside 0..1"):
+        distributed.initialize("127.0.0.1:1", 2, 2)
+    assert not jax_distributed_initialized()
+
+
+def jax_distributed_initialized() -> bool:
+    import jax
+
+    return jax.distributed.is_initialized()
