@@ -20,7 +20,7 @@ from mirage_jax import cli
 from mirage_jax.cli import define_hparam_flags, define_model_flags, load_model_from_flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("method", "FT-M", "FT-L, FT-M, ROME, R-ROME, MEMIT, AlphaEdit or MEND")
+flags.DEFINE_string("method", "FT-M", "FT-L, FT-M, ROME, R-ROME, MEMIT, AlphaEdit, MEND, GRACE or WISE")
 define_model_flags()
 define_hparam_flags()
 flags.adopt_module_key_flags(cli)  # --help lists the shared flags too

@@ -185,7 +185,11 @@ def main(argv: Sequence[str]) -> None:
         written += paths
         if results.had_curve:
             written.append(f"  (the curve of {results.path.name} is left out: its points' answers are not stored)")
-    print(report.markdown_table(*report.build_table(runs)))
+    try:
+        print(report.markdown_table(*report.build_table(runs)))
+    except report.ReportError:  # e.g. a 'wild' and a 'both' run of one method: one table row each is ambiguous
+        print("\n".join(f"{r.source}: Rel WILD {report.fmt(r.value('wild', 'rewrite_acc'))}, "
+                        f"Gen WILD {report.fmt(r.value('wild', 'rephrase_acc'))}" for r in runs))
     print()
     print(report.judge_line(judge.name, sum(r.unjudged for r in runs)))
     print()

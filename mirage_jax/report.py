@@ -404,7 +404,7 @@ def build_table(runs: Sequence[Run], compare: str | None = None,
     return datasets, rows
 
 
-def _fmt(v: float | None) -> str:
+def fmt(v: float | None) -> str:
     return "" if v is None else f"{v:.3f}"
 
 
@@ -413,7 +413,7 @@ def _fmt_cell(row: Row, dataset: str, col: Column) -> str:
     if v is None:
         return ""
     d = cell_drop(row, dataset, col)
-    return _fmt(v) if d is None else f"{_fmt(v)} ({0.0 - d:+.0%})"  # (WILD - syn) / syn; 0.0 - d: no "-0%"
+    return fmt(v) if d is None else f"{fmt(v)} ({0.0 - d:+.0%})"  # (WILD - syn) / syn; 0.0 - d: no "-0%"
 
 
 def markdown_table(datasets: Sequence[str], rows: Sequence[Row]) -> str:
@@ -491,7 +491,7 @@ def markdown_curves(groups: Mapping[tuple[str, str], Sequence[Series]]) -> str:
         for s in series:
             at = dict(zip(s.n_edits, s.values))
             kind = "WILD" if s.kind == "wild" else "syn"
-            parts.append(f"| {s.method} | {kind} | " + " | ".join(_fmt(at.get(n)) for n in ns) + " |")
+            parts.append(f"| {s.method} | {kind} | " + " | ".join(fmt(at.get(n)) for n in ns) + " |")
         parts.append("")
     return "\n".join(parts)
 
@@ -561,7 +561,7 @@ def table_figure(datasets: Sequence[str], rows: Sequence[Row], path: str | Path)
                     ax.add_patch(Rectangle((x + 0.05, y - 0.42), 0.9, 0.84, color=cmap(min(max(dr, 0.0), 1.0)), lw=0))
                 v = row.cells.get((d, col))
                 if v is not None:
-                    ax.text(x + 0.5, y, _fmt(v), ha="center", va="center", fontsize=8, **style)
+                    ax.text(x + 0.5, y, fmt(v), ha="center", va="center", fontsize=8, **style)
     ax.plot([0, width], [height, height], color="black", lw=0.8)
     bar = fig.colorbar(ScalarMappable(Normalize(0, 100), cmap), ax=ax, fraction=0.02, pad=0.01)
     bar.set_label("drop syn -> WILD (%)")
