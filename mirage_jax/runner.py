@@ -127,7 +127,10 @@ def _evaluate_wild(model, params, reqs, rc, judge, pre) -> list[dict]:
     out = [dict() for _ in reqs]
     for (i, key, _), a in zip(scored, answers):
         out[i].update({f"{key}_gen_content": a.answer, f"{key}_raw": a.raw})
-    verdicts = judge.judge_many([JudgeItem(q, reqs[i].target_new, a.answer) for (i, _, q), a in zip(scored, answers)])
+    items = [JudgeItem(q, reqs[i].target_new, a.answer) for (i, _, q), a in zip(scored, answers)]
+    # One grader: process 0 asks the judge (one API bill, one local judge model) and every process
+    # records its verdicts; a judge is not a collective, so the others need not run it.
+    verdicts = distributed.broadcast_json(judge.judge_many(items) if distributed.is_writer() else None)
     for (i, key, _), verdict in zip(scored, verdicts):
         out[i][f"{key}_acc"] = verdict
     loc_answers = _by_request(len(reqs), zip((i for i, _ in locs), answers[len(scored):]))

@@ -8,6 +8,7 @@ distances computed here in numpy.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from mirage_jax.model.adapters import ADAPTER_FILE, GRACE_MODES, AdapterError, h
 from mirage_jax.model.checkpoint import load_hf_checkpoint
 from mirage_jax.model.transformer import forward
 from mirage_jax.runner import RunConfig, RunError, run
-from tiny import qaedit_records, save_tiny
+from tiny import qaedit_records, resume_after_kill_mid_line, save_tiny
 
 LAYER = 1  # the tiny model's last layer
 
@@ -329,13 +330,8 @@ def test_runner_single_restores_sequential_carries_and_resumes(tiny, tmp_path):
     rows = [json.loads(x) for x in path.read_text().splitlines()]
     assert [r["edit"]["entries"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert whole["post"]["synthetic"]["rewrite_acc"] == 1.0  # edit 1 still retrieved after 5 more
-    lines = path.read_text().splitlines()
-    path.write_text("\n".join(lines[:3]) + "\n" + lines[3][:30])  # killed while writing line 4
-    resumed = run(model, reqs, METHODS["GRACE"], hp, RunConfig(**base, edit_mode="sequential", resume=True,
-                                                                output_dir=str(tmp_path / "seq")), ExactMatchJudge())
-    again = [json.loads(x) for x in path.read_text().splitlines()]
-    assert sorted(r["case_id"] for r in again) == list(range(6))
-    assert {r["case_id"]: r["post"] for r in again} == {r["case_id"]: r["post"] for r in rows}
+    resumed = resume_after_kill_mid_line(path, lambda: run(
+        model, reqs, METHODS["GRACE"], hp, dataclasses.replace(seq, resume=True), ExactMatchJudge()), 6)
     assert resumed == whole
 
     with pytest.raises(RunError, match="GRACE cannot batch-edit"):

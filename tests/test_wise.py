@@ -29,7 +29,7 @@ from mirage_jax.model.adapters import ADAPTER_FILE, NO_ACT, AdapterError, empty_
 from mirage_jax.model.checkpoint import load_hf_checkpoint
 from mirage_jax.model.transformer import forward
 from mirage_jax.runner import RunConfig, RunError, run
-from tiny import qaedit_records, save_tiny
+from tiny import qaedit_records, resume_after_kill_mid_line, save_tiny
 
 LAYER = 1  # the editor's layer (the tiny model has 2)
 # The routing tests put the adapter under the last layer: a switch must change the K/V that layer 1
@@ -186,13 +186,8 @@ def test_runner_single_restores_sequential_carries_and_resumes(tiny, tmp_path):
     rows = [json.loads(x) for x in path.read_text().splitlines()]
     assert [r["edit"]["memories"] for r in rows] == [1, 2, 2, 2, 2, 3]
     assert rows[3]["edit"]["events"] == ["save", "merge"]
-    lines = path.read_text().splitlines()
-    path.write_text("\n".join(lines[:3]) + "\n" + lines[3][:30])  # killed while writing line 4
-    resumed = run(model, reqs, method, hp, RunConfig(**base, edit_mode="sequential", resume=True,
-                                                      output_dir=str(tmp_path / "seq")), ExactMatchJudge())
-    again = [json.loads(x) for x in path.read_text().splitlines()]
-    assert sorted(r["case_id"] for r in again) == list(range(6))
-    assert {r["case_id"]: r["post"] for r in again} == {r["case_id"]: r["post"] for r in rows}
+    resumed = resume_after_kill_mid_line(path, lambda: run(
+        model, reqs, method, hp, dataclasses.replace(seq, resume=True), ExactMatchJudge()), 6)
     assert resumed == whole
 
     with pytest.raises(RunError, match="WISE cannot batch-edit"):

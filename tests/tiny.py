@@ -165,3 +165,19 @@ def qaedit_records(n: int) -> list[dict]:
     return [{"prompt": f"t{10 + 3 * i} t{11 + 3 * i} t5", "subject": f"t{11 + 3 * i}", "target": f"t{60 + i}",
              "rephrase": f"t{11 + 3 * i} t{10 + 3 * i} t6",
              "locality": [{"loc": f"t{90 + i} t99", "loc_ans": "t8"}]} for i in range(n)]
+
+
+def resume_after_kill_mid_line(path, resume, n: int) -> dict:
+    """Cut the results file `path` of a finished sequential run of `n` samples as a kill while
+    writing its 4th line would, call `resume()` (the same run with resume=True) and check that every
+    sample is in the file once with the rows it had; returns `resume()`'s summary."""
+    import json
+
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:3]) + "\n" + lines[3][:30])
+    summary = resume()
+    again = [json.loads(x) for x in path.read_text().splitlines()]
+    assert sorted(r["case_id"] for r in again) == list(range(n))
+    assert {r["case_id"]: r["post"] for r in again} == {r["case_id"]: r["post"] for r in rows}
+    return summary
