@@ -23,6 +23,7 @@ With no distributed flags nothing here touches the JAX backend: `is_writer()` is
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -94,6 +95,25 @@ def broadcast_json(value: Any) -> Any:
     buf[: data.size] = data[:n]
     buf = np.asarray(multihost_utils.broadcast_one_to_all(buf), np.uint8)
     return json.loads(buf.tobytes().decode())
+
+
+def check_same(value: str, what: str) -> None:
+    """A one-line `DistributedError` on every process unless all of them hold the same `value`.
+
+    For decisions each process takes from its own disk (a statistics cache, a MEND archive): if
+    they differ, one process would compute -- collectives -- while another reads a file, and both
+    would hang. Better to stop at once and say what differs. A collective: every process calls it
+    at the same point. Nothing happens on one process."""
+    if not multi_process():
+        return
+    from jax.experimental import multihost_utils
+
+    digest = np.frombuffer(hashlib.sha256(value.encode()).digest()[:8], np.int64)
+    every = np.asarray(multihost_utils.process_allgather(digest)).reshape(-1)
+    if not np.all(every == every[0]):
+        raise DistributedError(f"{what} differs between the processes (process {jax.process_index()}: {value}); "
+                               "multi-host runs need the same files on every worker: a shared file system, or copy "
+                               "them to each worker first")
 
 
 def fetch(tree: Any) -> Any:

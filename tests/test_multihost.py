@@ -148,3 +148,37 @@ def jax_distributed_initialized() -> bool:
     import jax
 
     return jax.distributed.is_initialized()
+
+
+CHECK_SAME = """
+import sys
+from mirage_jax import distributed
+distributed.initialize("127.0.0.1:{port}", 2, int(sys.argv[1]))
+try:
+    distributed.check_same("found" if sys.argv[1] == "0" else "missing", "cached MLP key statistics")
+except distributed.DistributedError as err:
+    print(str(err).replace(chr(10), " <NEWLINE> "))  # a newline would show in the test
+    sys.exit(3)
+"""
+
+
+def test_a_cache_on_one_worker_only_is_a_one_line_error_on_every_worker_not_a_hang():
+    """Process 0 finds a cache that process 1 lacks (a worker's local disk): instead of one process
+    computing (collectives) while the other reads a file -- a hang -- both stop with one line saying
+    what differs. Planted bug caught: the check skipped (exit 0 on both)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    code = CHECK_SAME.format(port=_free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(i)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail("check_same hung")
+    for i, (p, (stdout, stderr)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 3, f"process {i}: rc {p.returncode}: {stderr[-2000:]}"
+        line = stdout.strip().splitlines()[-1]  # gloo prints its own lines first
+        assert "<NEWLINE>" not in line and "cached MLP key statistics differs between the processes" in line
+        assert f"process {i}: {'found' if i == 0 else 'missing'}" in line

@@ -35,7 +35,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from mirage_jax import io
+from mirage_jax import distributed, io
 from mirage_jax.datasets import load_counterfact, load_zsre, read_records
 from mirage_jax.editing.common import target_nll
 from mirage_jax.editing.mend import (
@@ -371,11 +371,13 @@ def resolve_archive(hp: MENDConfig, model: Any, train_data: str | None = None, t
             raise ValueError(f"MEND archive {hp.archive} does not exist")
         return with_archive_architecture(dataclasses.replace(hp, archive=os.path.abspath(hp.archive)))
     best = io.recover_dir(default_archive_dir(model.name, root))
+    distributed.check_same(str(os.path.exists(best)), f"whether the MEND archive {best} exists")
     if not os.path.exists(best) and train_data:
         data = mend_training_edits(train_data, **{k: train_kw.pop(k) for k in ("start", "val_size", "limit")
                                                   if k in train_kw})
         train_editor(model.params, model.cfg, model.tokenizer, data, hp, train_steps, out_dir=os.path.dirname(best),
                      resume=True, **train_kw)
+    distributed.check_same(str(os.path.exists(best)), f"whether the MEND archive {best} exists (process 0 wrote it)")
     if not os.path.exists(best):
         raise ValueError(f"MEND needs a trained editor: none at {best}; pass --hp archive=<dir>, or train one with "
                          f"--mend_train_data=<zsre_mend_train.json | counterfact.json> [--mend_train_steps=N] "

@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mirage_jax import distributed
 from mirage_jax.editing.least_squares import CovarianceFactor, covariance_factor, null_space_projector
 from mirage_jax.io import savez
 from mirage_jax.model import sharding
@@ -538,13 +539,17 @@ def key_stats_for_run(model: Any, layers: Sequence[int], *, n_samples: int, corp
     if corpus is not None:
         return compute_key_stats(model, layers, corpus, n_samples=n_samples, cache_dir=cache_dir)
     try:
-        return find_key_stats(model.name, layers, cache_dir=cache_dir, rome_dir=rome_dir,
-                              expected_dim=model.cfg.intermediate_size, model_arg=model_arg)
+        found = find_key_stats(model.name, layers, cache_dir=cache_dir, rome_dir=rome_dir,
+                               expected_dim=model.cfg.intermediate_size, model_arg=model_arg)
     except MissingStatsError:
-        log.warning("no cached MLP key statistics for %s layers %s: computing them from the %s corpus "
-                    "(%d documents; cached under %s, resumable)", model.name, list(layers), WIKIPEDIA, n_samples,
-                    cache_dir)
-        return compute_key_stats(model, layers, WIKIPEDIA, n_samples=n_samples, cache_dir=cache_dir)
+        found = None
+    distributed.check_same("found" if found is not None else "missing",
+                           f"cached MLP key statistics for {model.name} layers {list(layers)} under {cache_dir}")
+    if found is not None:
+        return found
+    log.warning("no cached MLP key statistics for %s layers %s: computing them from the %s corpus "
+                "(%d documents; cached under %s, resumable)", model.name, list(layers), WIKIPEDIA, n_samples, cache_dir)
+    return compute_key_stats(model, layers, WIKIPEDIA, n_samples=n_samples, cache_dir=cache_dir)
 
 
 # --- compute ----------------------------------------------------------------------------------
