@@ -527,10 +527,10 @@ def table_figure(datasets: Sequence[str], rows: Sequence[Row], path: str | Path)
     from matplotlib.patches import Rectangle
 
     cmap = drop_colormap()
-    # Label columns sized to their longest text, headers included (about 0.11 column widths per
-    # character at 8 pt; the bold 10 pt header counts as 9 characters).
-    model_w = 0.3 + 0.11 * max(9, *(len(r.model) for r in rows))
-    label_w, ncols = model_w + 0.3 + 0.11 * max(9, *(len(r.label) for r in rows)), len(datasets) * len(COLUMNS)
+    # Label columns sized to their longest text, headers included (about 0.14 column widths per
+    # character at 8 pt once the colour bar has taken its share; the bold 10 pt header counts as 9).
+    model_w = 0.3 + 0.14 * max(9, *(len(r.model) for r in rows))
+    label_w, ncols = model_w + 0.3 + 0.14 * max(9, *(len(r.label) for r in rows)), len(datasets) * len(COLUMNS)
     width, height = label_w + ncols, len(rows) + 2
     fig, ax = plt.subplots(figsize=(1.2 + 0.62 * width, 0.6 + 0.3 * height))
     ax.set_xlim(0, width)
