@@ -162,23 +162,59 @@ except distributed.DistributedError as err:
 """
 
 
+def _spawn(code: str, args: list[list[str]], devices: int = 1) -> list[tuple[int, str, str]]:
+    """`python -c code <args[i]...>` in len(args) processes of `devices` CPU devices each, `{port}` in
+    `code` a free loopback port; (returncode, stdout, stderr) per process."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    code = code.replace("{port}", str(_free_port()))
+    procs = [subprocess.Popen([sys.executable, "-c", code, *a], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for a in args]
+    try:
+        outs = [p.communicate(timeout=TIMEOUT_S) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"{len(args)} processes did not finish within {TIMEOUT_S} s (a hang in a collective?)")
+    return [(p.returncode, o, e) for p, (o, e) in zip(procs, outs)]
+
+
 def test_a_cache_on_one_worker_only_is_a_one_line_error_on_every_worker_not_a_hang():
     """Process 0 finds a cache that process 1 lacks (a worker's local disk): instead of one process
     computing (collectives) while the other reads a file -- a hang -- both stop with one line saying
     what differs. Planted bug caught: the check skipped (exit 0 on both)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-    code = CHECK_SAME.format(port=_free_port())
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(i)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
-    try:
-        outs = [p.communicate(timeout=120) for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail("check_same hung")
-    for i, (p, (stdout, stderr)) in enumerate(zip(procs, outs)):
-        assert p.returncode == 3, f"process {i}: rc {p.returncode}: {stderr[-2000:]}"
+    for i, (rc, stdout, stderr) in enumerate(_spawn(CHECK_SAME, [["0"], ["1"]])):
+        assert rc == 3, f"process {i}: rc {rc}: {stderr[-2000:]}"
         line = stdout.strip().splitlines()[-1]  # gloo prints its own lines first
         assert "<NEWLINE>" not in line and "cached MLP key statistics differs between the processes" in line
         assert f"process {i}: {'found' if i == 0 else 'missing'}" in line
+
+
+SAVE = """
+import sys
+from mirage_jax import distributed
+distributed.initialize("127.0.0.1:{port}", 2, int(sys.argv[1]))
+from mirage_jax.model import load_model
+from mirage_jax.model.sharding import make_mesh
+model = load_model(sys.argv[2], mesh=make_mesh("fsdp:8"))
+model.save(sys.argv[3])
+"""
+
+
+def test_export_of_a_model_split_across_processes_is_gathered_and_written_once(tmp_path):
+    """Model.save on a mesh spanning two processes (fsdp:8: every kernel split across both): each
+    process gathers the tensors (a plain device_get fails on arrays other processes hold), process 0
+    alone writes, and the checkpoint equals the one it was loaded from."""
+    import jax
+    import numpy as np
+
+    from mirage_jax.model.checkpoint import load_hf_checkpoint
+
+    ckpt = save_tiny("llama", tmp_path / "ckpt", seed=3)
+    outs = [tmp_path / "out0", tmp_path / "out1"]
+    for i, (rc, _, stderr) in enumerate(_spawn(SAVE, [[str(i), str(ckpt), str(o)] for i, o in enumerate(outs)], 4)):
+        assert rc == 0, f"process {i}: {stderr[-3000:]}"
+    assert not outs[1].exists()
+    _, saved, _ = load_hf_checkpoint(outs[0])
+    _, original, _ = load_hf_checkpoint(ckpt)
+    jax.tree.map(np.testing.assert_array_equal, saved, original)

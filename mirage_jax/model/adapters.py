@@ -249,15 +249,20 @@ def strip_adapters(params: Mapping[str, Any]) -> dict:
 
 
 def save_adapters(params: Mapping[str, Any], out_dir: str | Path) -> Path | None:
-    """Write every adapter leaf as ``layers.{l}.mlp.{adapter}.{leaf}`` into `ADAPTER_FILE`."""
+    """Write every adapter leaf as ``layers.{l}.mlp.{adapter}.{leaf}`` into `ADAPTER_FILE` (multi-host:
+    gathered on every process, written by process 0)."""
     from safetensors.numpy import save_file
 
-    tensors = {f"layers.{i}.mlp.{name}.{leaf}": np.asarray(jax.device_get(v))
+    from mirage_jax import distributed
+
+    tensors = {f"layers.{i}.mlp.{name}.{leaf}": np.asarray(distributed.fetch(v))
                for i, layer in enumerate(params["layers"]) for name in mlp_adapters(layer["mlp"])
                for leaf, v in layer["mlp"][name].items()}
     if not tensors:
         return None
     path = Path(out_dir) / ADAPTER_FILE
+    if not distributed.is_writer():
+        return path
     save_file(tensors, str(path), metadata={"format": "mirage_jax-adapters", "note": ADAPTER_NOTE})
     return path
 

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mirage_jax import distributed
 from mirage_jax.model import sharding
 from mirage_jax.model.config import ModelConfig, config_from_hf
 
@@ -232,7 +233,7 @@ def params_to_hf(cfg: ModelConfig, params: Mapping[str, Any]) -> Iterator[tuple[
     """Yield (HF name, numpy array) in HF layout, tensor by tensor (export)."""
     prefix = "transformer." if cfg.family in ("gpt2", "gptj") else ""
     for e in conversion_table(cfg, prefix):
-        parts = [np.asarray(jax.device_get(_get(params, p))) for p in e.paths]
+        parts = [np.asarray(distributed.fetch(_get(params, p))) for p in e.paths]
         yield e.hf, np.ascontiguousarray(e.to_hf(*parts))
 
 
@@ -344,12 +345,13 @@ def save_hf_checkpoint(
     tokenizer: Any | None = None,
     max_shard_bytes: int = 5 * 2**30,
 ) -> Path:
-    """Write params as an HF safetensors checkpoint (sharded with an index beyond the limit)."""
+    """Write params as an HF safetensors checkpoint (sharded with an index beyond the limit).
+
+    Multi-host: every process gathers the tensors (a collective), process 0 alone writes."""
     import ml_dtypes  # noqa: F401
     from safetensors.numpy import save_file
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     dtype = str(jax.tree_util.tree_leaves(params)[0].dtype)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
@@ -359,6 +361,9 @@ def save_hf_checkpoint(
             size = 0
         shards[-1][name] = arr
         size += arr.nbytes
+    if not distributed.is_writer():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
     if len(shards) == 1:
         save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
     else:
