@@ -199,10 +199,10 @@ class VerdictCache:
         self._verdicts: dict[str, float] = {}
         self._margins: dict[str, float] = {}  # local judge: logit margin of "A" over "B"
         self._lock = threading.Lock()
-        if self.path is not None:  # process 0's file on every process (multi-host: the same cache hits everywhere)
-            lines = distributed.broadcast_json(
-                self.path.read_text(encoding="utf-8").splitlines() if distributed.is_writer() and self.path.exists()
-                else [])
+        # Multi-host: only process 0 asks the judge (the runner broadcasts its verdicts), so only it
+        # reads the cache; the others would have nothing to look up.
+        if self.path is not None and distributed.is_writer() and self.path.exists():
+            lines = self.path.read_text(encoding="utf-8").splitlines()
             for lineno, line in enumerate(lines, 1):
                 try:
                     entry = json.loads(line)
