@@ -74,12 +74,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
+            # Out of flight *before* the client can read the reply: counted after it, the client's next
+            # request on the freed worker could arrive first and be counted as one more in flight.
+            self._done()
             self.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (timeout test)
         finally:
-            with server.lock:
-                server.in_flight -= 1
+            self._done()
+
+    def _done(self):
+        if not getattr(self, "_counted_out", False):
+            self._counted_out = True
+            with self.server.lock:
+                self.server.in_flight -= 1
 
 
 @pytest.fixture
