@@ -64,6 +64,8 @@ def write_json(path: str | os.PathLike, obj: Any, **dump_kwargs: Any) -> None:
 
 def savez(path: str | os.PathLike, **arrays: Any) -> None:
     """`np.savez` to `path` atomically (a kill mid-write leaves the old file intact)."""
+    if not is_writer():  # (a zip archive cannot be written to the null device: it seeks back)
+        return
     with atomic_open(path, "wb") as f:
         np.savez(f, **arrays)
 

@@ -12,9 +12,12 @@ The runner is the only module that knows both the editing methods and the evalua
   already in the file. A summary JSON and a markdown table are written at the end.
 * `eval_at` (sequential / batch): after the n-th edit, every request edited so far is evaluated
   on the current params and the means are one point of a curve (`summary["curve"]`), streamed to
-  `{run}_curve.jsonl`. Params are never checkpointed: a resumed run replays every edit from the
-  original model anyway (deterministic), so the params at point n are reproduced by re-editing,
-  and points already in the file are read back, not evaluated again.
+  `{run}_curve.jsonl`; points already in the file are read back on resume, not evaluated again.
+* sequential / batch: the edited params (as a difference from the original: `edit_checkpoint`) are
+  written to `{run}_sequence.npz` every `checkpoint_every` edits and after the last, so a resumed
+  lifelong run goes on from its last checkpoint instead of replaying hours of edits, and a kill
+  during the final evaluation costs no edit at all. Without one (or with `checkpoint_every=0`) a
+  resumed run replays every edit from the original model: the edits are deterministic.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from mirage_jax import distributed, io
+from mirage_jax import distributed, edit_checkpoint, io
 from mirage_jax.datasets import EditRequest
 from mirage_jax.editing import EditMethod
 from mirage_jax.evaluation import synthetic, wild
@@ -73,6 +76,9 @@ class RunConfig:
     # Synthetic evaluation also in the seed's generated variant (spec 2.2; `*_generated` keys). The
     # seed uses it for GRACE only; `run` turns it on for methods that declare `generated_synthetic`.
     generated_synthetic: bool = False
+    # Sequential / batch: write the edited params every this many edits and after the last (see the
+    # module docstring); 0 = never, a resumed run then replays every edit.
+    checkpoint_every: int = 10
 
     def __post_init__(self):
         if self.edit_mode not in EDIT_MODES:
@@ -81,6 +87,8 @@ class RunConfig:
             raise RunError(f"unknown evaluation {self.evaluation!r}; valid: {', '.join(EVALUATIONS)}")
         if self.batch_size < 1:
             raise RunError("batch_size must be >= 1")
+        if self.checkpoint_every < 0:
+            raise RunError("checkpoint_every must be >= 0 (0: never)")
         if self.eval_at:
             if self.edit_mode == "single":
                 raise RunError("eval_at needs edit_mode sequential or batch: single mode never accumulates edits")
@@ -288,6 +296,58 @@ def _safe_edit(method: EditMethod, model: Any, params: Any, reqs: Sequence[EditR
     return new, info
 
 
+def _sequence_key(model: Any, method: EditMethod, hp: Any, rc: RunConfig, requests: Sequence[EditRequest]) -> str:
+    """What a sequence checkpoint must agree with to be continued: the method and its settings, the
+    model, the edit mode and the requests in their order."""
+    hp_json = json.dumps(dataclasses.asdict(hp) if dataclasses.is_dataclass(hp) else repr(hp), default=str,
+                         sort_keys=True)
+    key = json.dumps([method.name, hp_json, _fingerprint(model), rc.edit_mode, rc.batch_size,
+                      [r.case_id for r in requests]])
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclasses.dataclass
+class Checkpointing:
+    """When and where a sequence writes its checkpoints, and how a resumed run reads one."""
+
+    path: Path
+    key: str
+    every: int
+
+    def resume(self, base: Any, step: int, missing: Sequence[int]) -> edit_checkpoint.SequenceState | None:
+        """The last checkpoint, or None to replay from the start: there is none, checkpoints are off,
+        or a curve point still to evaluate lies before it (only a replay reproduces those params)."""
+        if self.every <= 0:
+            return None
+        try:
+            seq = edit_checkpoint.load(self.path, self.key, base)
+        except edit_checkpoint.CheckpointError as err:
+            raise RunError(str(err)) from None
+        if seq is not None and any(n <= seq.n_chunks * step for n in missing):
+            log.warning("%s: a curve point to evaluate precedes it; replaying the sequence from the start", self.path)
+            return None
+        if seq is not None:
+            log.info("resuming the sequence after edit call %d from %s", seq.n_chunks, self.path)
+        return seq
+
+    def after(self, base: Any, seq: edit_checkpoint.SequenceState, n_edited: int, size: int, last: bool) -> None:
+        """Write `seq` when this edit call crossed a multiple of `every` edits, and after the last.
+        A checkpoint that cannot be written is a warning and turns checkpoints off: the run goes on."""
+        if self.every <= 0 or not (last or n_edited // self.every > (n_edited - size) // self.every):
+            return
+        error = None
+        try:
+            edit_checkpoint.save(self.path, self.key, base, seq)
+        except (edit_checkpoint.CheckpointError, OSError) as err:
+            error = str(err)
+        # Process 0 alone writes (and may fail to): every process must turn checkpoints off together,
+        # or the others would wait in the next checkpoint's gather forever.
+        error = distributed.broadcast_json(error)
+        if error:
+            log.warning("sequence checkpoint not written, checkpoints off for this run: %s", error)
+            self.every = 0
+
+
 def curve_point(model: Any, params: Any, edited: Sequence[EditRequest], rc: RunConfig, judge: Judge,
                 pre: dict[int, dict], infos: dict[int, dict], n_edits: int) -> dict:
     """Every request edited so far, evaluated on the current params: the same evaluation and the
@@ -339,10 +399,16 @@ def run(model: Any, requests: Sequence[EditRequest], method: EditMethod, hp: Any
             post = {} if "error" in info else evaluate(model, new, [r], rc, judge, [pre[r.case_id]])[0]
             _append(results, _record(r, pre[r.case_id], post, info))
     elif todo or missing:
-        params, infos, state = model.params, {}, None
         step = 1 if rc.edit_mode == "sequential" else rc.batch_size
         chunks = [requests[s : s + step] for s in range(0, len(requests), step)]
-        for k, chunk in enumerate(tqdm(chunks, desc=f"{method.name} {rc.edit_mode} edits")):  # all, resumed or not
+        ckpt = Checkpointing(out_dir / f"{rc.run_name}_sequence.npz", _sequence_key(model, method, hp, rc, requests),
+                             rc.checkpoint_every)
+        seq = ckpt.resume(model.params, step, missing) if rc.resume else None
+        seq = seq or edit_checkpoint.SequenceState(0, model.params, None, {})
+        params, state, infos = seq.params, seq.state, dict(seq.infos)
+        for k in tqdm(range(seq.n_chunks, len(chunks)), desc=f"{method.name} {rc.edit_mode} edits",
+                      initial=seq.n_chunks, total=len(chunks)):
+            chunk = chunks[k]
             params, info = _safe_edit(method, model, params, chunk, hp, stats=stats, state=state, **ctx)
             state = info.pop("state", state)
             infos.update({r.case_id: info for r in chunk})
@@ -350,6 +416,8 @@ def run(model: Any, requests: Sequence[EditRequest], method: EditMethod, hp: Any
             if n_edited in missing:
                 curve[n_edited] = curve_point(model, params, requests[:n_edited], rc, judge, pre, infos, n_edited)
                 _append(curve_file, curve[n_edited])
+            ckpt.after(model.params, edit_checkpoint.SequenceState(k + 1, params, state, infos), n_edited,
+                       len(chunk), last=k == len(chunks) - 1)
         for s in tqdm(range(0, len(todo), rc.eval_batch), desc="post-edit eval"):
             chunk = todo[s : s + rc.eval_batch]
             posts = evaluate(model, params, chunk, rc, judge, [pre[r.case_id] for r in chunk])

@@ -218,3 +218,25 @@ def test_export_of_a_model_split_across_processes_is_gathered_and_written_once(t
     _, saved, _ = load_hf_checkpoint(outs[0])
     _, original, _ = load_hf_checkpoint(ckpt)
     jax.tree.map(np.testing.assert_array_equal, saved, original)
+
+
+def test_sequence_checkpoint_written_by_process_0_and_resumed_on_both(tmp_path):
+    """A sequential run over two processes (every weight split across them) checkpoints its edited
+    params from process 0 only; killed during the final evaluation (the last row lost), the resumed
+    run reads the checkpoint on process 0 and broadcasts it, edits nothing again -- the re-written row
+    keeps the first run's edit seconds, which a replay would have measured anew -- and equals it."""
+    ckpt = save_tiny("llama", tmp_path / "ckpt", seed=5)
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(qaedit_records(3)))
+    args = [*COMMON, f"--model={ckpt}", f"--data_path={data}", "--edit_mode=sequential", "--checkpoint_every=2",
+            "--mesh=fsdp:8"]
+    out, own_disk = tmp_path / "out", tmp_path / "process1_disk" / "out"
+    run = RUN.replace("_single_", "_sequential_")
+    _launch([out, own_disk], 4, args)
+    results = out / f"{run}.jsonl"
+    whole = _rows(results)
+    assert (out / f"{run}_sequence.npz").exists() and not own_disk.parent.exists()
+    results.write_text("".join(json.dumps(r) + "\n" for r in whole[:2]))
+    _launch([out, own_disk], 4, [*args, "--resume"])
+    assert _rows(results) == whole
+    assert any(r["post"]["synthetic"]["rewrite_acc"] == 1.0 for r in whole)  # the edits took

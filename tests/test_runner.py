@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -255,6 +256,90 @@ def test_resumed_run_equals_uninterrupted_run_value_for_value(wild_setup, tmp_pa
     assert summary == json.loads((Path(whole.output_dir) / f"{whole.run_name}_summary.json").read_text())
     # the premise: the edits change the generations that are compared
     assert want[2]["post"]["wild"]["rewrite_raw"] != want[2]["pre"]["wild"]["rewrite_raw"]
+
+
+def _carry_edit(params, cfg, tokenizer, requests: Sequence[EditRequest], hp: Any, state=None, **ctx):
+    """`_drift_edit` whose nudge grows with a count carried in the method state (as AlphaEdit carries
+    its keys): a resumed sequence that loses the state writes different rows."""
+    count = (state or {}).get(3, jnp.zeros(()))
+    kernel = params["lm_head"]["kernel"]
+    for r in requests:
+        kernel = kernel + (1.0 + count) * _noise(r.case_id, kernel.shape, 0.01)
+        count = count + 1.0
+    return {**params, "lm_head": {**params["lm_head"], "kernel": kernel}}, {"state": {3: count}, "n": int(count)}
+
+
+CARRY_EDIT = EditMethod("carry", dict, _carry_edit, batchable=True)
+
+
+def _counting(method: EditMethod, calls: list, die_at: int | None = None) -> EditMethod:
+    """`method`, recording the case ids of each edit call; call number `die_at` (1-based) kills the run."""
+
+    def apply(params, cfg, tok, rs, hp, **ctx):
+        calls.append([r.case_id for r in rs])
+        if len(calls) == die_at:
+            raise _Killed
+        return method.apply(params, cfg, tok, rs, hp, **ctx)
+
+    return dataclasses.replace(method, apply=apply)
+
+
+@pytest.mark.parametrize("mode, every, die_at, redone", [("sequential", 2, 4, [[2], [3], [4]]),
+                                                         ("batch", 3, 3, [[4]])])
+def test_killed_sequence_resumes_from_its_checkpoint_value_for_value(wild_setup, tmp_path, mode, every, die_at,
+                                                                     redone):
+    """Killed in an edit call, a run that checkpoints every `every` edits re-edits only what came
+    after its last checkpoint and writes an uninterrupted run's rows, value for value; killed in
+    the final evaluation, it edits nothing again. Batch chunks of 2 with `every` 3: the checkpoint
+    falls after the chunk that crosses 3 edits.
+
+    Planted bugs this catches: the method state not stored or not restored (later nudges shrink,
+    rows differ); the checkpoint's params ignored on resume (the first edits are missing); the
+    crossing rule as `n_edited % every == 0` (batch: no checkpoint before the kill, all redone).
+    """
+    model, data = wild_setup
+    reqs = list(datasets.load_qaedit(data).requests)
+    kw = {"edit_mode": mode, "batch_size": 2, "evaluation": "wild", "eval_batch": 2, "checkpoint_every": every}
+    whole = _rc(data, tmp_path / "whole", **kw)
+    run(model, reqs, CARRY_EDIT, None, whole, ExactMatchJudge())
+    killed = _rc(data, tmp_path / "killed", **kw)
+    calls: list = []
+    with pytest.raises(_Killed):
+        run(model, reqs, _counting(CARRY_EDIT, calls, die_at), None, killed, ExactMatchJudge())
+    assert (Path(killed.output_dir) / f"{killed.run_name}_sequence.npz").exists()
+    calls.clear()
+    resumed = dataclasses.replace(killed, resume=True)
+    run(model, reqs, _counting(CARRY_EDIT, calls), None, resumed, ExactMatchJudge())
+    assert calls == redone
+    want, got = _comparable(_rows(_results_path(whole))), _comparable(_rows(_results_path(killed)))
+    assert got == want
+    # killed while writing the third result line: the last checkpoint holds every edit
+    again = _rc(data, tmp_path / "again", **kw)
+    results = _results_path(again)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(runner, "_append", _dies_writing_line(results, 2, runner._append))
+        with pytest.raises(_Killed):
+            run(model, reqs, CARRY_EDIT, None, again, ExactMatchJudge())
+    calls.clear()
+    run(model, reqs, _counting(CARRY_EDIT, calls), None, dataclasses.replace(again, resume=True), ExactMatchJudge())
+    assert calls == [] and _comparable(_rows(results)) == want
+
+
+def test_sequence_checkpoint_of_other_settings_or_before_a_curve_point(wild_setup, tmp_path):
+    """A checkpoint written under other hyper-parameters stops the resumed run with a one-line
+    error; one lying past a curve point still to evaluate is set aside and the sequence replayed."""
+    model, data = wild_setup
+    reqs = list(datasets.load_qaedit(data).requests)
+    rc = _rc(data, tmp_path, edit_mode="sequential", evaluation="synthetic", checkpoint_every=2)
+    calls: list = []
+    with pytest.raises(_Killed):
+        run(model, reqs, _counting(CARRY_EDIT, calls, 4), None, rc, ExactMatchJudge())
+    with pytest.raises(RunError, match="other settings"):
+        run(model, reqs, CARRY_EDIT, {"scale": 2}, dataclasses.replace(rc, resume=True), ExactMatchJudge())
+    calls.clear()
+    summary = run(model, reqs, _counting(CARRY_EDIT, calls), None, dataclasses.replace(rc, resume=True, eval_at=(1, 5)),
+                  ExactMatchJudge())
+    assert calls == [[i] for i in range(5)] and [p["n_edits"] for p in summary["curve"]] == [1, 5]
 
 
 def test_bad_record_edit_is_reported_and_skipped(tiny_setup, tmp_path):
