@@ -10,6 +10,12 @@ their ratio: the goal is a flat cost per edit (end / start <= 1.5) -- GRACE's co
 doubling, so only its distance search and a copy grow with N, and a compile happens at each
 doubling (those edits are listed apart). MEMIT / AlphaEdit get a synthetic positive definite key
 covariance unless statistics are cached (timing does not depend on its values).
+
+    python benchmarks/lifelong.py --from_results=out/WISE_..._sequential_....jsonl
+
+summarises the same figures from a finished `launch.py --edit_mode=sequential` run instead of
+editing again: the runner times each edit the same way (to `block_until_ready`, its
+`edit.seconds`), so a long sequence run for its evaluation gives its cost curve for free.
 """
 
 from __future__ import annotations
@@ -29,9 +35,41 @@ flags.adopt_module_key_flags(cli)
 flags.DEFINE_list("methods", ["GRACE"], "methods to run, each on its own sequence")
 flags.DEFINE_integer("n", 100, "edits per sequence")
 flags.DEFINE_string("data_path", str(REPO / "data" / "counterfact-edit.json"), "CounterFact file")
+flags.DEFINE_multi_string("from_results", [], "summarise the edit seconds of finished sequential runs (results "
+                          ".jsonl of launch.py) instead of editing")
+
+
+def cost_summary(name: str, seconds: list[float], failed: int = 0) -> dict:
+    """First edit, start (median of edits 10-19) and end (median of the last 10) seconds per edit."""
+    import numpy as np
+
+    window = "edits 10-19" if len(seconds) >= 20 else "edits 1-"  # short runs: all but the compiling one
+    start = float(np.median(seconds[10:20])) if len(seconds) >= 20 else float(np.median(seconds[1:]))
+    end = float(np.median(seconds[-10:]))
+    print(f"{name}: {len(seconds)} edits, first {seconds[0]:.2f} s, {window} {start:.3f} s/edit, last 10 "
+          f"{end:.3f} s/edit (x{end / start:.2f})", flush=True)
+    return {"n": len(seconds), "first_s": seconds[0], "start_s_per_edit": start, "end_s_per_edit": end,
+            "end_over_start": end / start, "failed": failed,
+            "slowest": sorted(((round(s, 3), i) for i, s in enumerate(seconds)), reverse=True)[:5]}
+
+
+def from_results(paths: list[str]) -> dict:
+    """`cost_summary` of each sequential results file, its rows in edit order (the runner edits in
+    request order and writes rows in that order; a resumed run's rows keep their first timing)."""
+    out = {}
+    for path in paths:
+        rows = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+        if any(r.get("edit", {}).get("seconds") is None and "error" not in r.get("edit", {}) for r in rows):
+            raise SystemExit(f"{path}: rows without edit seconds; not a results file of launch.py")
+        seconds = [r["edit"]["seconds"] for r in rows if "error" not in r["edit"]]
+        out[path] = cost_summary(path.rsplit("/", 1)[-1], seconds, len(rows) - len(seconds))
+    return out
 
 
 def main(argv):
+    if FLAGS.from_results:
+        print(json.dumps(from_results(FLAGS.from_results)))
+        return
     import jax
     import numpy as np
 
@@ -69,14 +107,7 @@ def main(argv):
             state = info.pop("state", state)
             if len(seconds) % 10 == 0:
                 print(f"{name}: {len(seconds)} edits, last {seconds[-1]:.3f} s", flush=True)
-        window = "edits 10-19" if len(seconds) >= 20 else "edits 1-"  # short runs: all but the compiling one
-        start = float(np.median(seconds[10:20])) if len(seconds) >= 20 else float(np.median(seconds[1:]))
-        end = float(np.median(seconds[-10:]))
-        res = {"first_s": seconds[0], "start_s_per_edit": start, "end_s_per_edit": end, "end_over_start": end / start,
-               "failed": failed, "slowest": sorted(((round(s, 3), i) for i, s in enumerate(seconds)), reverse=True)[:5]}
-        out[name] = res
-        print(f"{name}: first {seconds[0]:.2f} s, {window} {start:.3f} s/edit, last 10 {end:.3f} s/edit "
-              f"(x{end / start:.2f})", flush=True)
+        out[name] = cost_summary(name, seconds, failed)
     print(json.dumps(out))
 
 
