@@ -39,6 +39,7 @@ from mirage_jax import distributed, edit_checkpoint, io
 from mirage_jax.datasets import EditRequest
 from mirage_jax.editing import EditMethod
 from mirage_jax.evaluation import synthetic, wild
+from mirage_jax.evaluation.answers import wrap_context
 from mirage_jax.evaluation.judge import Judge, JudgeItem
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,10 @@ class RunConfig:
     # Synthetic evaluation also in the seed's generated variant (spec 2.2; `*_generated` keys). The
     # seed uses it for GRACE only; `run` turns it on for methods that declare `generated_synthetic`.
     generated_synthetic: bool = False
+    # Synthetic prompts (edit, rephrase, locality) in the tokenizer's chat template, as the seed does
+    # for a method config with `use_chat_template` (WISE on Llama-3-8B, spec 2.1 step 1); `run` turns
+    # it on from the hyper-parameters.
+    synthetic_chat: bool = False
     # Sequential / batch: write the edited params every this many edits and after the last (see the
     # module docstring); 0 = never, a resumed run then replays every edit.
     checkpoint_every: int = 10
@@ -156,13 +161,17 @@ def _evaluate_wild(model, params, reqs, rc, judge, pre) -> list[dict]:
 def _evaluate_synthetic(model, params, reqs, rc, pre) -> list[dict]:
     cfg, tok = model.cfg, model.tokenizer
     scored = _scored(reqs)
-    accs = synthetic.token_accuracy(params, cfg, tok, [q for *_, q in scored], [reqs[i].target_new for i, *_ in scored])
+    kind = "chat_temp" if rc.synthetic_chat else "question-only"
+    wrap = lambda qs: [wrap_context(q, kind, tok).text for q in qs]  # noqa: E731
+    special = not rc.synthetic_chat  # a chat-wrapped prompt holds its special tokens as text
+    accs = synthetic.token_accuracy(params, cfg, tok, wrap([q for *_, q in scored]),
+                                    [reqs[i].target_new for i, *_ in scored], add_special_tokens=special)
     out = [dict() for _ in reqs]
     for (i, key, _), acc in zip(scored, accs):
         out[i][f"{key}_acc"] = acc
     pairs = [(i, p) for i, r in enumerate(reqs) for p in r.locality]
-    preds = synthetic.predicted_target_tokens(params, cfg, tok, [p.prompt for _, p in pairs],
-                                              [p.answer for _, p in pairs]) if pairs else []
+    preds = synthetic.predicted_target_tokens(params, cfg, tok, wrap([p.prompt for _, p in pairs]),
+                                              [p.answer for _, p in pairs], add_special_tokens=special) if pairs else []
     for i, loc in enumerate(_by_request(len(reqs), ((i, pred.tolist()) for (i, _), (pred, _) in zip(pairs, preds)))):
         out[i]["_loc"] = loc
         if pre is not None:
@@ -254,7 +263,8 @@ def _fingerprint(model: Any) -> str:
 
 def pre_cache_path(model: Any, rc: RunConfig, judge: Judge) -> Path:
     key = json.dumps([_fingerprint(model), rc.data_path, rc.dataset, rc.kinds, dataclasses.asdict(rc.wild),
-                      judge.name], sort_keys=True)
+                      judge.name] + (["synthetic_chat"] if rc.synthetic_chat and "synthetic" in rc.kinds else []),
+                     sort_keys=True)  # (the last only when set: caches written before it keep their key)
     return Path(rc.output_dir) / ".pre_cache" / (hashlib.sha256(key.encode()).hexdigest()[:20] + ".jsonl")
 
 
@@ -374,6 +384,8 @@ def run(model: Any, requests: Sequence[EditRequest], method: EditMethod, hp: Any
     io.makedirs(out_dir)
     if method.generated_synthetic and not rc.generated_synthetic:
         rc = dataclasses.replace(rc, generated_synthetic=True)
+    if getattr(hp, "use_chat_template", False) and not rc.synthetic_chat:
+        rc = dataclasses.replace(rc, synthetic_chat=True)
     results = out_dir / f"{rc.run_name}.jsonl"
     if not rc.resume and _exists(results):
         raise RunError(f"{results} exists; pass --resume to continue it or choose another --output_dir")
@@ -452,6 +464,8 @@ def summarise(rows: Sequence[dict], rc: RunConfig, judge_name: str) -> dict:
     summary: dict[str, Any] = {"schema": SUMMARY_SCHEMA, "run": rc.run_name, "method": rc.method,
                                "model": rc.model_name, "dataset": rc.dataset, "edit_mode": rc.edit_mode,
                                "judge": judge_name, "n_samples": len(ok), "n_failed_edits": len(rows) - len(ok)}
+    if rc.synthetic_chat and "synthetic" in rc.kinds:
+        summary["synthetic_prompts"] = "chat_template"  # the seed's use_chat_template (spec 2.1 step 1)
     for stage in ("pre", "post"):
         block: dict[str, Any] = {}
         for kind in rc.kinds:

@@ -78,11 +78,14 @@ def make_batch(
     prompts: Sequence[str],
     targets: Sequence[str],
     *,
-    add_special_tokens: bool = True,
+    add_special_tokens: bool | Sequence[bool] = True,
     min_len: int = 16,
     batch_bucket: bool = True,
 ) -> TokenBatch:
-    rows = [split_prompt_target(tokenizer, p, t, add_special_tokens) for p, t in zip(prompts, targets)]
+    """Rows ``prompt + " " + target``, left-padded to a bucketed length. `add_special_tokens` per
+    row where rows differ (a chat-wrapped prompt already holds its special tokens as text)."""
+    special = [add_special_tokens] * len(prompts) if isinstance(add_special_tokens, bool) else list(add_special_tokens)
+    rows = [split_prompt_target(tokenizer, p, t, a) for p, t, a in zip(prompts, targets, special, strict=True)]
     n = len(rows)
     t_len = bucket(max(len(ids) for ids, _ in rows), min_len)
     b = bucket(n, 1) if batch_bucket else n

@@ -21,14 +21,15 @@ from mirage_jax import generate as gen
 from mirage_jax.datasets import EditRequest
 from mirage_jax.editing import METHODS
 from mirage_jax.editing.common import replace_mlp
-from mirage_jax.editing.wise import WISEConfig, margin_loss, ties_merge, wise_edit
+from mirage_jax.editing.wise import WISEConfig, margin_loss, ties_merge, training_rows, wise_edit
+from mirage_jax.evaluation import synthetic
 from mirage_jax.evaluation.judge import ExactMatchJudge
 from mirage_jax.evaluation.wild import WildConfig
 from mirage_jax.model import load_model
 from mirage_jax.model.adapters import ADAPTER_FILE, NO_ACT, AdapterError, empty_wise, wise_apply, wise_choice
 from mirage_jax.model.checkpoint import load_hf_checkpoint
 from mirage_jax.model.transformer import forward
-from mirage_jax.runner import RunConfig, RunError, run
+from mirage_jax.runner import RunConfig, RunError, pre_cache_path, run
 from tiny import qaedit_records, resume_after_kill_mid_line, save_tiny
 
 LAYER = 1  # the editor's layer (the tiny model has 2)
@@ -225,6 +226,47 @@ def test_bad_requests_are_one_line_errors_naming_the_record(tiny, prompt, target
         wise_edit(model.params, model.cfg, model.tokenizer, [_req(3, prompt, target)], WISEConfig(layer=LAYER),
                   templates=TEMPLATES)
     assert "\n" not in str(err.value)
+
+
+CHAT = "{% for m in messages %}t3 {{ m['content'] }} t4{% endfor %}{% if add_generation_prompt %} t7{% endif %}"
+
+
+def test_use_chat_template_wraps_the_edit_rows_and_the_synthetic_prompts(tiny, tmp_path, monkeypatch):
+    """The seed's Llama-3-8B config: an edit row is chat(template(prompt)) + " " + target, tokenized
+    without adding special tokens again, the irrelevant row stays plain; the runner then scores the
+    synthetic rewrite, rephrase and locality prompts chat-wrapped (spec 2.1 step 1) and keeps their
+    pre-edit cache apart; a tokenizer without a chat template is a one-line error."""
+    model, _ = tiny
+    tok = model.tokenizer.__class__.from_pretrained(model.tokenizer.name_or_path)
+    tok.chat_template = CHAT
+    chat_model = dataclasses.replace(model, tokenizer=tok)
+    data = tmp_path / "edits.json"
+    data.write_text(json.dumps(qaedit_records(2)))
+    reqs = list(datasets.load_qaedit(data).requests)
+    texts, targets, special = training_rows(tok, reqs[0], TEMPLATES, True)
+    assert texts == ["t3 t10 t11 t5 t4 t7", "t3 t1 t10 t11 t5 t4 t7", "t3 t2 t3 t10 t11 t5 t4 t7", "t90 t99"]
+    assert targets == ["t60"] * 3 + ["t8"] and special == [False, False, False, True]
+    assert training_rows(tok, reqs[0], TEMPLATES, False)[0][:3] == ["t10 t11 t5", "t1 t10 t11 t5", "t2 t3 t10 t11 t5"]
+    with pytest.raises(ValueError, match="use_chat_template is set but this tokenizer has no chat template"):
+        training_rows(model.tokenizer, reqs[0], TEMPLATES, True)
+
+    seen = []
+    for name in ("token_accuracy", "predicted_target_tokens"):
+        real = getattr(synthetic, name)
+        monkeypatch.setattr(synthetic, name, lambda *a, _real=real, **kw: seen.append(
+            (a[3], kw.get("add_special_tokens", a[6] if len(a) > 6 else True))) or _real(*a, **kw))
+    hp = WISEConfig(layer=LAYER, n_iter=2, edit_lr=50.0, act_margin=(0.1, 0.5, 0.2), use_chat_template=True)
+    rc = RunConfig(method="WISE", model_name="tiny", dataset="qaedit", data_path=str(data), evaluation="synthetic",
+                   output_dir=str(tmp_path / "out"))
+    summary = run(chat_model, reqs, _wise_method_without_generation(), hp, rc, ExactMatchJudge())
+    prompts = [p for ps, _ in seen for p in ps]
+    assert prompts and all(p.startswith("t3 ") and p.endswith(" t4 t7") for p in prompts)
+    assert {"t3 t90 t99 t4 t7", "t3 t10 t11 t5 t4 t7", "t3 t11 t10 t6 t4 t7"} <= set(prompts)
+    assert all(special is False for _, special in seen)
+    assert summary["synthetic_prompts"] == "chat_template"
+    judge = ExactMatchJudge()
+    assert pre_cache_path(chat_model, dataclasses.replace(rc, synthetic_chat=True), judge) != pre_cache_path(
+        chat_model, rc, judge)
 
 
 # --- the default model ------------------------------------------------------------------------

@@ -18,9 +18,15 @@ touched. One edit:
 3. every ``save_freq`` edits the side memory becomes a shard and restarts from W; every
    ``merge_freq`` edits the last ``merge_freq // save_freq`` shards are merged by `ties_merge`.
 
+With ``use_chat_template`` (the seed's Llama-3-8B config) an edit row is the chat-wrapped
+``template(prompt)`` (one user turn, generation prompt) + " " + target, as the seed's rows; the
+irrelevant row stays plain. The runner then wraps the synthetic evaluation's prompts the same way
+(spec 2.1 step 1), as the seed does for that config.
+
 Deviations, on purpose: distances average over real tokens (the seed's padded batch averages
-over pads too), and the margin loss is the seed's (means over the *positive* entries, not over
-all of them as spec 4.7's ``mean(relu(.))`` reads).
+over pads too); the margin loss is the seed's (means over the *positive* entries, not over
+all of them as spec 4.7's ``mean(relu(.))`` reads); a chat-wrapped row is tokenized without adding
+special tokens again (the seed adds a second BOS on Llama-3, its quirk), as WILD's ``chat_temp``.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mirage_jax.editing.common import Reads, check_layers, for_case, loss_reads, read_nll, replace_mlp
+from mirage_jax.generate import chat_prompt
 from mirage_jax.model.adapters import NO_ACT, WISE_ROUTERS, empty_wise, grow_wise, wise_act
 from mirage_jax.model.config import ModelConfig
 from mirage_jax.model.transformer import forward
@@ -62,6 +69,8 @@ class WISEConfig:
     router: str = "sequence"  # 'sequence' (seed: re-decided over the growing answer) or 'prompt' (once)
     seed: int = 0  # PRNG seed of the gradient masks (folded with the period index)
     capacity: int = 2  # initial memory slots (side + shards); doubled when full
+    # The seed's llama-3-8b: edit rows (and the synthetic evaluation's prompts) in the chat template.
+    use_chat_template: bool = False
 
 
 def margin_loss(d_in: jax.Array, d_out: jax.Array, margin: tuple[float, float, float]) -> jax.Array:
@@ -206,6 +215,21 @@ def save_and_merge(w: dict, w_orig: jax.Array, hp: WISEConfig) -> tuple[dict, li
     return w, events
 
 
+def training_rows(tokenizer: Any, request: Any, templates: Sequence[str],
+              use_chat_template: bool) -> tuple[list[str], list[str], list[bool]]:
+    """The training rows of one edit as (prompts, targets, add_special_tokens): one per template,
+    then the irrelevant row (the request's first locality prompt with its answer)."""
+    loc = (request.locality[0].prompt, request.locality[0].answer) if request.locality else FALLBACK_IRRELEVANT
+    texts = [t.format(request.prompt) for t in templates]
+    if use_chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("WISE: use_chat_template is set but this tokenizer has no chat template "
+                             "(--hp use_chat_template=false)")
+        texts = [chat_prompt(tokenizer, x) for x in texts]
+    return (texts + [loc[0]], [request.target_new] * len(templates) + [loc[1]],
+            [not use_chat_template] * len(templates) + [True])
+
+
 def wise_edit(params: Any, cfg: ModelConfig, tokenizer: Any, requests: Sequence[Any], hp: WISEConfig,
               templates: Sequence[str] | None = None) -> tuple[Any, dict]:
     """One WISE edit -> (params with the updated adapter, info). The input pytree is untouched."""
@@ -214,10 +238,9 @@ def wise_edit(params: Any, cfg: ModelConfig, tokenizer: Any, requests: Sequence[
         raise ValueError(f"WISE edits one request at a time, got {len(requests)}")
     [r] = requests
     templates = tuple(templates) if templates is not None else wise_templates(params, cfg, tokenizer)
-    loc = (r.locality[0].prompt, r.locality[0].answer) if r.locality else FALLBACK_IRRELEVANT
-    prompts = [t.format(r.prompt) for t in templates] + [loc[0]]
-    b = for_case(r, functools.partial(make_batch, batch_bucket=False), tokenizer, prompts,
-                 [r.target_new] * len(templates) + [loc[1]])
+    prompts, targets, special = for_case(r, training_rows, tokenizer, r, templates, hp.use_chat_template)
+    b = for_case(r, functools.partial(make_batch, batch_bucket=False, add_special_tokens=special), tokenizer, prompts,
+                 targets)
     layer = hp.layer
     mlp = params["layers"][layer]["mlp"]
     w_orig = mlp["down"]["kernel"]

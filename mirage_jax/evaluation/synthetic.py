@@ -41,11 +41,14 @@ def predicted_target_tokens(
     prompts: Sequence[str],
     targets: Sequence[str],
     batch_size: int = 32,
+    add_special_tokens: bool = True,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per sample: (argmax predictions over the target span, gold target ids)."""
+    """Per sample: (argmax predictions over the target span, gold target ids). `add_special_tokens`
+    False for prompts that hold them already (chat-wrapped)."""
     out: list[tuple[np.ndarray, np.ndarray]] = []
     for s in range(0, len(prompts), batch_size):
-        b = make_batch(tokenizer, prompts[s : s + batch_size], targets[s : s + batch_size])
+        b = make_batch(tokenizer, prompts[s : s + batch_size], targets[s : s + batch_size],
+                       add_special_tokens=add_special_tokens)
         pred = distributed.fetch(_argmax_tokens(params, cfg, jnp.asarray(b.tokens), jnp.asarray(b.attn_mask),
                                                 jnp.asarray(b.prompt_len)))
         for r in range(b.n_rows):
@@ -54,9 +57,10 @@ def predicted_target_tokens(
     return out
 
 
-def token_accuracy(params, cfg, tokenizer, prompts, targets, batch_size: int = 32) -> list[float]:
+def token_accuracy(params, cfg, tokenizer, prompts, targets, batch_size: int = 32,
+                   add_special_tokens: bool = True) -> list[float]:
     """Reliability / generalisation: teacher-forced target-token accuracy per sample."""
-    pairs = predicted_target_tokens(params, cfg, tokenizer, prompts, targets, batch_size)
+    pairs = predicted_target_tokens(params, cfg, tokenizer, prompts, targets, batch_size, add_special_tokens)
     return [float(np.mean(p == g)) for p, g in pairs]
 
 
