@@ -360,31 +360,36 @@ def test_archive_of_another_config_is_a_clear_error(tiny, tmp_path):
 
 
 def test_train_command_writes_an_editor_launch_can_use(tiny, tmp_path):
-    """`python -m mirage_jax.editing.mend_train` trains into out_dir; `resolve_archive` then takes
-    the architecture recorded beside the archive (rank 8 here), not the config's (16)."""
+    """`python -m mirage_jax.editing.mend_train` trains into its default folder, where `launch.py`
+    looks for the editor (`resolve_archive` with no archive given: results/mend/<model>/best; it used
+    to write best/best); `resolve_archive` then takes the architecture recorded beside the archive
+    (rank 8 here), not the config's (16); the training folder itself is a one-line error."""
     model_dir = save_tiny("llama", tmp_path / "model", seed=7)
     recs = [{"prompt": f"t{10 + i} t{40 + i} t5", "subject": f"t{40 + i}", "target_new": f"t{70 + i}",
              "rephrase_prompt": f"t{40 + i} t{10 + i}", "locality_prompt": f"t{90 + i} t3",
              "locality_ground_truth": f"t{20 + i}"} for i in range(20)]
     (tmp_path / "cf.json").write_text(json.dumps(recs))
-    out = tmp_path / "editor"
     cmd = [sys.executable, "-m", "mirage_jax.editing.mend_train", f"--model={model_dir}",
            f"--train_data={tmp_path / 'cf.json'}", "--start=4", "--val_size=4", "--steps=4", "--val_every=2",
-           f"--out_dir={out}", "--hparams_for=smollm2-135m", '--hp=inner_params=[[1, "up"], [1, "down"]]',
+           "--hparams_for=smollm2-135m", '--hp=inner_params=[[1, "up"], [1, "down"]]',
            "--hp=rank=8", "--hp=crephrase=0.1"]
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env, timeout=600)
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "12 training edits, 4 validation edits" in done.stdout and f"--hp archive={out / 'best'}" in done.stdout
+    named = SimpleNamespace(name=load_model(model_dir).name)
+    hp = resolve_archive(HP, named, root=str(tmp_path / "results" / "mend"))  # what launch.py does
+    out = Path(hp.archive).parent
+    assert "12 training edits, 4 validation edits" in done.stdout and f"--hp archive={hp.archive}" in done.stdout
     meta = json.loads((out / "best.json").read_text())
     assert meta["hparams"]["rank"] == 8 and "rephrase_success" in meta
-    hp = resolve_archive(dataclasses.replace(HP, archive=str(out / "best")), tiny)
     assert hp.rank == 8 and hp.inner_params == ((1, "up"), (1, "down"))
     reqs = [SimpleNamespace(prompt=PROMPTS[0], target_new=TARGETS[0])]
     assert mend_edit(tiny.params, tiny.cfg, tiny.tokenizer, reqs, hp)[1]["trained_editor"]
+    with pytest.raises(ValueError, match=r"is not a MEND editor checkpoint \(it holds a best/ folder: pass that\)"):
+        mend_edit(tiny.params, tiny.cfg, tiny.tokenizer, reqs, dataclasses.replace(hp, archive=str(out)))
     bad = subprocess.run([a for a in cmd if not a.startswith("--start")] + ["--start=18"],
-                         capture_output=True, text=True, cwd=root, env=env, timeout=600)
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert bad.returncode != 0 and "error: MEND training data" in bad.stderr
 
 

@@ -360,7 +360,11 @@ def load_editor(path: str, like: dict) -> dict:
 
     with ocp.StandardCheckpointer() as ckpt:
         meta = ckpt.metadata(path)
-        stored, want = shapes(getattr(meta, "item_metadata", meta)), shapes(like)
+        meta = getattr(meta, "item_metadata", meta)
+        if not hasattr(meta, "get"):  # a folder that is no orbax checkpoint (e.g. a training out_dir)
+            hint = " (it holds a best/ folder: pass that)" if os.path.isdir(os.path.join(path, "best")) else ""
+            raise ValueError(f"{path} is not a MEND editor checkpoint{hint}")
+        stored, want = shapes(meta), shapes(like)
         if stored != want:
             key = next(k for k in sorted(set(stored) | set(want)) if stored.get(k) != want.get(k))
             raise ValueError(f"MEND editor {path} does not fit this model and config: {key} is "

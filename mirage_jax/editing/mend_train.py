@@ -403,7 +403,8 @@ def main(argv: Sequence[str]) -> None:
         model = load_model_from_flags()
         hp = get_hparams("MEND", model.name, f.hp, key=f.hparams_for)
         data = mend_training_edits(f.train_data, start=f.start, val_size=f.val_size, limit=f.limit)
-        out = os.path.abspath(f.out_dir or default_archive_dir(model.name))
+        # (the training folder: the editor goes to its best/, where launch.py looks for it)
+        out = os.path.abspath(f.out_dir or os.path.dirname(default_archive_dir(model.name)))
         _, info = train_editor(model.params, model.cfg, model.tokenizer, data, hp, f.steps, out_dir=out,
                                val_every=f.val_every, patience=f.patience, resume=f.resume, seed=f.seed)
     except ValueError as err:
