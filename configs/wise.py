@@ -15,7 +15,8 @@ WISE = {
     "mistral-7b": WISEConfig(layer=27),
     "llama-3-8b": WISEConfig(layer=29, edit_lr=0.9, n_iter=30, act_margin=(2.0, 20.0, 10.0), act_ratio=0.5,
                              use_chat_template=True),
-    "qwen2.5-7b": WISEConfig(layer=23, use_chat_template=True),  # EasyEdit hparams/WISE/qwen2.5-7b.yaml (no seed config)
+    # EasyEdit hparams/WISE/qwen2.5-7b.yaml (no seed config)
+    "qwen2.5-7b": WISEConfig(layer=23, use_chat_template=True),
     # EasyEdit hparams/WISE/gpt-j-6B.yaml (no seed config); fc_out's bias is kept under every memory
     "gpt-j": WISEConfig(layer=21, act_margin=(15.0, 40.0, 20.0)),
     # Default model (SmolLM2-135M, 30 layers): layer 24, GRACE's measured choice (0.8 depth, the paper's
