@@ -46,6 +46,8 @@ flags.register_validator("eval_at", lambda v: all(x.strip().isdigit() for x in v
 flags.DEFINE_integer("checkpoint_every", 10, "sequential / batch: write the edited params every N edits and after "
                      "the last (<run>_sequence.npz), so --resume goes on from there; 0: never (resume replays)",
                      lower_bound=0)
+flags.DEFINE_integer("stack_edits", 16, "single mode: evaluate this many edited models together in one batched "
+                     "pass (each sample still on its own edit); 1: one by one", lower_bound=1)
 flags.DEFINE_string("stats_dir", "stats", "cache of MLP key statistics (MEMIT, AlphaEdit, ROME+mom2)")
 flags.DEFINE_string("rome_stats_dir", None, "ROME/EasyEdit stats directory (<dir>/<model>/wikipedia_stats/*.npz)")
 flags.DEFINE_string("stats_corpus", None, "statistics from this corpus (computed once, cached, resumable): "
@@ -91,7 +93,7 @@ def main(argv):
         wild=WildConfig(context_type=FLAGS.context_type, max_new_tokens=FLAGS.max_new_tokens,
                         stop_rule=FLAGS.stop_rule),
         output_dir=FLAGS.output_dir, resume=FLAGS.resume, eval_at=tuple(int(n) for n in FLAGS.eval_at),
-        checkpoint_every=FLAGS.checkpoint_every,
+        checkpoint_every=FLAGS.checkpoint_every, stack_edits=FLAGS.stack_edits,
     )
     stats = None
     if method.needs_stats(hp):

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mirage_jax import distributed, io
+from mirage_jax.model.diff import DiffError, changed_leaves, flat, key_path, path_steps, set_leaf
 
 log = logging.getLogger(__name__)
 
@@ -51,54 +52,6 @@ class SequenceState:
     params: Any
     state: Any
     infos: dict[int, dict]
-
-
-# --- tree paths as JSON ----------------------------------------------------------------------------
-
-
-def _path_json(path: tuple) -> list:
-    out = []
-    for k in path:
-        if isinstance(k, jax.tree_util.DictKey):
-            out.append(["k", k.key if isinstance(k.key, str) else int(k.key)])
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            out.append(["i", k.idx])
-        else:
-            raise CheckpointError(f"a params leaf at {jax.tree_util.keystr(path)} is not under dicts and lists")
-    return out
-
-
-def _set(tree: Any, path: list, value: Any) -> Any:
-    """`tree` with the leaf at `path` set to `value`, containers copied along the path only."""
-    if not path:
-        return value
-    (_, key), rest = path[0], path[1:]
-    if isinstance(tree, dict):
-        return {**tree, key: _set(tree.get(key, {}), rest, value)}
-    items = list(tree)
-    items[key] = _set(items[key], rest, value)
-    return type(tree)(items) if isinstance(tree, tuple) else items
-
-
-def _flat(tree: Any) -> dict[tuple, Any]:
-    return {tuple(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def changed_leaves(base: Any, params: Any) -> dict[tuple, Any]:
-    """The leaves of `params` that are not in `base` or differ from it (path -> leaf)."""
-    old, new = _flat(base), _flat(params)
-    if gone := [jax.tree_util.keystr(p) for p in old if p not in new]:
-        raise CheckpointError(f"the edits removed params leaves ({gone[0]}...); cannot store them as a difference")
-    out = {}
-    for p, leaf in new.items():
-        prev = old.get(p)
-        if prev is leaf:
-            continue
-        if (prev is not None and jnp.shape(prev) == jnp.shape(leaf) and jnp.result_type(prev) == jnp.result_type(leaf)
-                and bool(jnp.array_equal(prev, leaf))):
-            continue
-        out[p] = leaf
-    return out
 
 
 # --- arrays as bytes ---------------------------------------------------------------------------
@@ -129,13 +82,17 @@ def save(path: Path, key: str, base: Any, seq: SequenceState) -> None:
     """Write `seq` (its params as a difference from `base`) to `path`, atomically.
 
     A collective in a multi-host run: every process calls it at the same point."""
-    leaves = changed_leaves(base, seq.params)
+    try:
+        leaves = changed_leaves(base, seq.params)
+        paths = [list(map(list, path_steps(p))) for p in leaves]
+    except DiffError as err:
+        raise CheckpointError(str(err)) from None
     state = _state_items(seq.state)
     host = distributed.fetch({"leaves": list(leaves.values()), "state": [v for _, v in state]})
     arrays: dict[str, np.ndarray] = {}
     specs: list[dict] = []
-    for p, arr in zip(leaves, host["leaves"]):
-        _pack("param", np.asarray(arr), arrays, specs, path=_path_json(p))
+    for p, arr in zip(paths, host["leaves"]):
+        _pack("param", np.asarray(arr), arrays, specs, path=p)
     for (k, _), arr in zip(state, host["state"]):
         _pack("state", np.asarray(arr), arrays, specs, key=k)
     manifest = {"format": FORMAT, "key": key, "n_chunks": seq.n_chunks, "state_is_none": seq.state is None,
@@ -195,15 +152,14 @@ def load(path: Path, key: str, base: Any) -> SequenceState | None:
     if manifest["key"] != key:
         raise CheckpointError(f"{path} was written by a run with other settings (method, hyper-parameters, model "
                               "or requests); delete it, or resume with the settings that wrote it")
-    old = _flat(base)
+    old = flat(base)
     params, state = base, None if manifest["state_is_none"] else {}
     for spec, arr in zip(manifest["arrays"], arrays):
         if spec["name"] == "state":
             state[spec["key"]] = jnp.asarray(arr)
             continue
         path_ = spec["path"]
-        prev = old.get(tuple(jax.tree_util.DictKey(k) if kind == "k" else jax.tree_util.SequenceKey(k)
-                             for kind, k in path_))
+        prev = old.get(key_path(path_))
         leaf = jax.device_put(arr, prev.sharding) if isinstance(prev, jax.Array) else jnp.asarray(arr)
-        params = _set(params, path_, leaf)
+        params = set_leaf(params, path_, leaf)
     return SequenceState(manifest["n_chunks"], params, state, {int(c): info for c, info in manifest["infos"]})

@@ -34,8 +34,9 @@ import numpy as np
 from absl import flags
 
 from mirage_jax import distributed
-from mirage_jax.model import sharding
+from mirage_jax.model import sharding, stack
 from mirage_jax.model.config import ModelConfig
+from mirage_jax.model.stack import EditStack
 from mirage_jax.model.transformer import KVCache, Params, forward, init_cache, unembed
 from mirage_jax.tokens import bucket
 
@@ -195,37 +196,46 @@ def generate_ids(
     stop_fn: StopFn | None = None,
     batch_size: int = 32,
     chunk: int = 16,
+    members: Sequence[int] | None = None,
 ) -> list[Generation]:
     """Greedy-decode every prompt (token ids); results in input order.
 
     `chunk`: decode steps between two host-side stop checks (see the module docstring).
+    `members`: with an `EditStack` as params, the stacked edit each prompt is answered by; one
+    batch then holds up to `batch_size` prompts of every member (ignored for plain params).
     """
     if max_new_tokens < 1:
         raise GenerationError("max_new_tokens must be >= 1")
-    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # similar lengths together
-    results: list[Generation | None] = [None] * len(prompt_ids)
     stop_ids = jnp.asarray(cfg.eos_token_ids or (-1,), jnp.int32)
     new_bucket = bucket(max_new_tokens, 16)  # one bucket for every batch of this call
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    if isinstance(params, EditStack):
+        per, rounds = stack.layout(members, params.size, len(prompt_ids), batch_size)
+        batches = [([i for i, _ in r], [slot for _, slot in r], params.size * per) for r in rounds]
+    else:
+        order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # similar lengths together
+        batches = [(order[s : s + batch_size], None, None) for s in range(0, len(order), batch_size)]
+    results: list[Generation | None] = [None] * len(prompt_ids)
+    for idx, slots, rows_in_batch in batches:
         gens = _generate_batch(params=params, cfg=cfg, tokenizer=tokenizer, rows=[list(prompt_ids[i]) for i in idx],
                                max_new=max_new_tokens, new_bucket=new_bucket, stop_ids=stop_ids,
-                               stop_strings=stop_strings, stop_fn=stop_fn, batch_size=batch_size, chunk=chunk)
+                               stop_strings=stop_strings, stop_fn=stop_fn, batch_size=batch_size, chunk=chunk,
+                               slots=slots, rows_in_batch=rows_in_batch)
         for i, g in zip(idx, gens):
             results[i] = g
     return results  # type: ignore[return-value]
 
 
-def _left_padded(rows: Sequence[Sequence[int]], *, batch: int, prompt_slots: int, new_slots: int,
-                 pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+def _left_padded(rows: Sequence[Sequence[int]], slots: Sequence[int], *, batch: int, prompt_slots: int,
+                 new_slots: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Prompt tokens `[batch, prompt_slots]` right-aligned (every row's next token goes to the same
-    slot), and the key mask `[batch, prompt_slots + new_slots]` over the whole cache."""
+    slot), row i at batch row `slots[i]`, and the key mask `[batch, prompt_slots + new_slots]` over
+    the whole cache."""
     tokens = np.full((batch, prompt_slots), pad_id, np.int32)
     mask = np.zeros((batch, prompt_slots + new_slots), np.int32)
-    for r, ids in enumerate(rows):
+    mask[:, prompt_slots - 1] = 1  # filler rows: one visible token keeps softmax finite
+    for r, ids in zip(slots, rows):
         tokens[r, prompt_slots - len(ids):] = ids
         mask[r, prompt_slots - len(ids):prompt_slots] = 1
-    mask[len(rows):, prompt_slots - 1] = 1  # filler rows: one visible token keeps softmax finite
     return tokens, mask
 
 
@@ -264,9 +274,13 @@ def _generate_batch(
     stop_fn: StopFn | None,
     batch_size: int,
     chunk: int,
+    slots: Sequence[int] | None = None,
+    rows_in_batch: int | None = None,
 ) -> list[Generation]:
     """Greedy-decode one batch of at most `batch_size` prompts (token ids): prefill, then the
-    decode loop in chunks of `chunk` steps with the host's stop checks in between."""
+    decode loop in chunks of `chunk` steps with the host's stop checks in between. `slots` /
+    `rows_in_batch`: where each prompt goes in a batch of that many rows (an `EditStack`'s
+    member-major layout); by default rows 0..n-1 of a bucketed batch."""
     n = len(rows)
     longest = max(len(r) for r in rows)
     # RoPE models extrapolate past their trained context (badly, but it is the user's call); a
@@ -277,10 +291,16 @@ def _generate_batch(
         )
     p = bucket(longest)  # prompt bucket: a power of two >= 16
     mesh = sharding.mesh_of(params)
-    b = min(bucket(n, 1), bucket(batch_size, 1))  # batch bucket; a short last batch is not padded to batch_size
-    b = max(b, sharding.batch_axis_size(mesh))  # on a mesh, at least one row per batch shard
+    if rows_in_batch is None:
+        b = min(bucket(n, 1), bucket(batch_size, 1))  # batch bucket; a short last batch is not padded to batch_size
+        b = max(b, sharding.batch_axis_size(mesh))  # on a mesh, at least one row per batch shard
+    elif mesh is None:
+        b = rows_in_batch
+    else:
+        raise GenerationError("an edit stack runs without a device mesh; evaluate the edits one by one")
+    slots = list(range(n)) if slots is None else list(slots)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    tokens, mask = _left_padded(rows, batch=b, prompt_slots=p, new_slots=new_bucket, pad_id=pad)
+    tokens, mask = _left_padded(rows, slots, batch=b, prompt_slots=p, new_slots=new_bucket, pad_id=pad)
     dtype = jax.tree_util.tree_leaves(params)[0].dtype
     cache = init_cache(cfg, b, p + new_bucket, dtype)
     if mesh is not None:  # rows split like the batch axes, the cache also on KV heads; the loop keeps the layout
@@ -290,26 +310,88 @@ def _generate_batch(
     prompt_len = jnp.asarray(mask[:, :p].sum(-1).astype(np.int32))
     cache, nxt, routes = _prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(mask), cache, prompt_len)
     state = DecodeState(step=jnp.int32(0), next_token=nxt, out=jnp.full((b, new_bucket), -1, jnp.int32),
-                        done=jnp.asarray(np.arange(b) >= n), mask=jnp.asarray(mask),
+                        done=jnp.asarray(~np.isin(np.arange(b), slots)), mask=jnp.asarray(mask),
                         prompt_len=prompt_len, prompt_slots=jnp.int32(p), routes=routes,
                         prompt_tokens=jnp.asarray(tokens)[:, :p] if _switched(routes) is not None else None)
     decode = _decode_fn()
-    stopped: list[int | None] = [None] * n  # per row: kept tokens once a stop string / rule fired
+    stopped: list[int | None] = [None] * n  # per prompt: kept tokens once a stop string / rule fired
+    row_of = np.asarray(slots)  # per prompt: its row in the batch, -1 once retired by a compaction
+    outs: list[np.ndarray | None] = [None] * n  # per prompt: its generated ids, kept when it is retired
     step = 0
     while step < max_new:
         cache, state = decode(params, cfg, cache, state, jnp.int32(min(step + chunk, max_new)), stop_ids)
         # Host side: the only values fetched per chunk are `step`, `done` and, to check text stops, `out`.
         step = int(state.step)
         done = distributed.fetch(state.done).copy()  # rows split across processes are gathered first
+        out = None
         if stop_strings or stop_fn:
-            stopped = _text_stops(tokenizer, distributed.fetch(state.out)[:n], step, stopped, stop_strings, stop_fn)
-            done[:n] |= np.array([hit is not None for hit in stopped])
+            out = distributed.fetch(state.out)
+            here = np.nonzero(row_of >= 0)[0]
+            hits = _text_stops(tokenizer, out[row_of[here]], step, [stopped[i] for i in here], stop_strings, stop_fn)
+            for i, hit in zip(here, hits):
+                stopped[i] = hit
+                done[row_of[i]] |= hit is not None
         state = state._replace(done=jnp.asarray(done))
         if done.all():
             break
-    out = distributed.fetch(state.out)[:n, :max_new]
+        plan = _compaction(done, params.size if isinstance(params, EditStack) else 1) if mesh is None else None
+        if plan is not None and max_new - step > chunk:  # rows that are done would keep costing a full step
+            out = distributed.fetch(state.out) if out is None else out
+            for i in np.nonzero(row_of >= 0)[0]:
+                if done[row_of[i]]:
+                    outs[i], row_of[i] = out[row_of[i]], -1
+            params, cache, state, row_of = _compact(params, cache, state, row_of, plan)
+    out = distributed.fetch(state.out)
+    for i in np.nonzero(row_of >= 0)[0]:
+        outs[i] = out[row_of[i]]
     eos = set(cfg.eos_token_ids)
-    return [_generation(tokenizer, row, hit, eos) for row, hit in zip(out, stopped)]
+    return [_generation(tokenizer, row[:max_new], hit, eos) for row, hit in zip(outs, stopped)]
+
+
+class _Plan(NamedTuple):
+    rows: np.ndarray  # [new batch] the old row each new row comes from (filler rows: any row of their member)
+    members: np.ndarray  # [new K] the old stack member each new member comes from (filler members repeat one)
+    done: np.ndarray  # [new batch] bool: filler rows
+
+
+def _compaction(done: np.ndarray, k: int) -> _Plan | None:
+    """A batch for the rows still running, when it has at most half the rows: most answers end well
+    before the longest (on the default model under chat_temp ~27 of 50 tokens), and every done row
+    would otherwise cost a full forward per step. With an edit stack (`k` members, rows member-major)
+    the members without running rows go too, and each member keeps the same number of rows. Batch
+    and member counts stay powers of two, so a few programs serve every compaction."""
+    per = len(done) // k
+    running = (~done).reshape(k, per)
+    members = np.nonzero(running.any(1))[0]
+    new_per, new_k = bucket(int(running.sum(1).max()), 1), bucket(len(members), 1)
+    if 2 * new_k * new_per > len(done):
+        return None
+    src_members = np.concatenate([members, np.repeat(members[:1], new_k - len(members))])
+    rows = np.repeat(src_members * per, new_per)  # filler rows: the member's first row
+    new_done = np.ones(new_k * new_per, bool)
+    for j, m in enumerate(members):
+        live = np.nonzero(running[m])[0] + m * per
+        rows[j * new_per : j * new_per + len(live)] = live
+        new_done[j * new_per : j * new_per + len(live)] = False
+    return _Plan(rows, src_members, new_done)
+
+
+def _compact(params: Any, cache: KVCache, state: DecodeState, row_of: np.ndarray,
+             plan: _Plan) -> tuple[Any, KVCache, DecodeState, np.ndarray]:
+    """Everything with a row axis (the cache, the state's per-row fields) gathered to `plan`, an edit
+    stack's leaves to its members, and the prompts' rows renumbered (retired prompts stay -1)."""
+    src = jnp.asarray(plan.rows)
+    take = lambda x: jnp.take(x, src, axis=0)  # noqa: E731
+    cache = jax.tree_util.tree_map(take, cache)
+    state = state._replace(next_token=take(state.next_token), out=take(state.out), done=jnp.asarray(plan.done),
+                           mask=take(state.mask), prompt_len=take(state.prompt_len),
+                           routes=jax.tree_util.tree_map(take, state.routes),
+                           prompt_tokens=None if state.prompt_tokens is None else take(state.prompt_tokens))
+    if isinstance(params, EditStack):
+        params = dataclasses.replace(params, leaves=tuple(jnp.take(x, jnp.asarray(plan.members), axis=0)
+                                                          for x in params.leaves))
+    new_row = {int(old): r for r, old in enumerate(plan.rows) if not plan.done[r]}
+    return params, cache, state, np.asarray([new_row[r] if r >= 0 else -1 for r in row_of])
 
 
 def generate(

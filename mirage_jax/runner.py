@@ -6,8 +6,10 @@ The runner is the only module that knows both the editing methods and the evalua
   under `{output_dir}/.pre_cache/`, written batch by batch, so a second method on the same data
   never recomputes it.
 * single: every sample is evaluated on `original params + its own edit` -- restoring is free,
-  the original pytree is simply kept; sequential: all edits, then all evaluations; batch:
-  cumulative chunks of `batch_size` requests, then all evaluations.
+  the original pytree is simply kept -- and `stack_edits` such edited models are evaluated in one
+  batched pass (`mirage_jax.model.stack`: only the leaves the edits changed are stacked);
+  sequential: all edits, then all evaluations; batch: cumulative chunks of `batch_size` requests,
+  then all evaluations.
 * Each finished sample is one JSON line, flushed at once; `resume=True` skips the case ids
   already in the file. A summary JSON and a markdown table are written at the end.
 * `eval_at` (sequential / batch): after the n-th edit, every request edited so far is evaluated
@@ -41,6 +43,7 @@ from mirage_jax.editing import EditMethod
 from mirage_jax.evaluation import synthetic, wild
 from mirage_jax.evaluation.answers import wrap_context
 from mirage_jax.evaluation.judge import Judge, JudgeItem
+from mirage_jax.model import sharding, stack
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +87,9 @@ class RunConfig:
     # Sequential / batch: write the edited params every this many edits and after the last (see the
     # module docstring); 0 = never, a resumed run then replays every edit.
     checkpoint_every: int = 10
+    # Single mode: edits made one by one from the original model, then evaluated this many at a time
+    # in one batched pass (`mirage_jax.model.stack`); 1 = each on its own. On a device mesh: 1.
+    stack_edits: int = 16
 
     def __post_init__(self):
         if self.edit_mode not in EDIT_MODES:
@@ -94,6 +100,8 @@ class RunConfig:
             raise RunError("batch_size must be >= 1")
         if self.checkpoint_every < 0:
             raise RunError("checkpoint_every must be >= 0 (0: never)")
+        if self.stack_edits < 1:
+            raise RunError("stack_edits must be >= 1 (1: every single edit evaluated on its own)")
         if self.eval_at:
             if self.edit_mode == "single":
                 raise RunError("eval_at needs edit_mode sequential or batch: single mode never accumulates edits")
@@ -134,9 +142,11 @@ def _evaluate_wild(model, params, reqs, rc, judge, pre) -> list[dict]:
     scored = _scored(reqs)
     locs = [(i, p.prompt) for i, r in enumerate(reqs) for p in r.locality]
     # One generation call for every question of these requests (scored and locality): the jitted
-    # loop runs on the device, the WILD stop rule is checked on the decoded text on the host.
+    # loop runs on the device, the WILD stop rule is checked on the decoded text on the host. With an
+    # edit stack, request i is answered by member i (`members`; ignored for plain params).
     answers = wild.wild_answers(params, model.cfg, model.tokenizer,
-                                [q for *_, q in scored] + [q for _, q in locs], rc.wild)
+                                [q for *_, q in scored] + [q for _, q in locs], rc.wild,
+                                members=[i for i, *_ in scored] + [i for i, _ in locs])
     out = [dict() for _ in reqs]
     for (i, key, _), a in zip(scored, answers):
         out[i].update({f"{key}_gen_content": a.answer, f"{key}_raw": a.raw})
@@ -165,13 +175,15 @@ def _evaluate_synthetic(model, params, reqs, rc, pre) -> list[dict]:
     wrap = lambda qs: [wrap_context(q, kind, tok).text for q in qs]  # noqa: E731
     special = not rc.synthetic_chat  # a chat-wrapped prompt holds its special tokens as text
     accs = synthetic.token_accuracy(params, cfg, tok, wrap([q for *_, q in scored]),
-                                    [reqs[i].target_new for i, *_ in scored], add_special_tokens=special)
+                                    [reqs[i].target_new for i, *_ in scored], add_special_tokens=special,
+                                    members=[i for i, *_ in scored])
     out = [dict() for _ in reqs]
     for (i, key, _), acc in zip(scored, accs):
         out[i][f"{key}_acc"] = acc
     pairs = [(i, p) for i, r in enumerate(reqs) for p in r.locality]
     preds = synthetic.predicted_target_tokens(params, cfg, tok, wrap([p.prompt for _, p in pairs]),
-                                              [p.answer for _, p in pairs], add_special_tokens=special) if pairs else []
+                                              [p.answer for _, p in pairs], add_special_tokens=special,
+                                              members=[i for i, _ in pairs]) if pairs else []
     for i, loc in enumerate(_by_request(len(reqs), ((i, pred.tolist()) for (i, _), (pred, _) in zip(pairs, preds)))):
         out[i]["_loc"] = loc
         if pre is not None:
@@ -183,7 +195,8 @@ def _evaluate_synthetic(model, params, reqs, rc, pre) -> list[dict]:
     # accuracy and macro-F1 (`*_generated`), beside the teacher-forced scores. Only where asked (the
     # method's `generated_synthetic`, or the RunConfig field): it costs one generation per question.
     gen = synthetic.generated_target_tokens(params, cfg, tok, [q for *_, q in scored] + [p.prompt for _, p in pairs],
-                                            [reqs[i].target_new for i, *_ in scored] + [p.answer for _, p in pairs])
+                                            [reqs[i].target_new for i, *_ in scored] + [p.answer for _, p in pairs],
+                                            members=[i for i, *_ in scored] + [i for i, _ in pairs])
     for (i, key, _), (ids, gold) in zip(scored, gen):
         out[i][f"{key}_acc_generated"] = float((ids == gold).mean())
         out[i][f"{key}_F1_generated"] = synthetic.macro_f1(gold, ids)
@@ -200,7 +213,8 @@ def _evaluate_synthetic(model, params, reqs, rc, pre) -> list[dict]:
 def evaluate(model: Any, params: Any, reqs: Sequence[EditRequest], rc: RunConfig, judge: Judge,
              pre: Sequence[dict] | None = None) -> list[dict]:
     """Metrics of each request on `params`, per evaluation type; with `pre` (the pre-edit
-    metrics of the same requests), locality against the pre-edit outputs."""
+    metrics of the same requests), locality against the pre-edit outputs. `params` may be an
+    `EditStack` with one member per request: request i is then evaluated on member i."""
     out = [dict() for _ in reqs]
     if "wild" in rc.kinds:
         for o, w in zip(out, _evaluate_wild(model, params, reqs, rc, judge, pre)):
@@ -209,6 +223,22 @@ def evaluate(model: Any, params: Any, reqs: Sequence[EditRequest], rc: RunConfig
         for o, s in zip(out, _evaluate_synthetic(model, params, reqs, rc, pre)):
             o["synthetic"] = s
     return out
+
+
+def evaluate_singles(model: Any, reqs: Sequence[EditRequest], edited: Sequence[tuple[Any, dict]], rc: RunConfig,
+                     judge: Judge, pre: dict[int, dict]) -> list[dict]:
+    """Post-edit metrics of single edits: request i on its own edited params ``edited[i] = (params,
+    info)``, {} where the edit failed. Edits that changed the same leaves go through `evaluate`
+    together as one `EditStack`, which gives each its own model in one batched pass."""
+    ok = [i for i, (_, info) in enumerate(edited) if "error" not in info]
+    posts: list[dict] = [{} for _ in reqs]
+    for members in stack.group(model.params, [edited[i][0] for i in ok]):
+        idx = [ok[j] for j in members]
+        params = edited[idx[0]][0] if len(idx) == 1 else stack.build(model.params, [edited[i][0] for i in idx])
+        for i, post in zip(idx, evaluate(model, params, [reqs[i] for i in idx], rc, judge,
+                                         [pre[reqs[i].case_id] for i in idx])):
+            posts[i] = post
+    return posts
 
 
 def _mean(xs: Iterable[float | None]) -> float | None:
@@ -405,11 +435,18 @@ def run(model: Any, requests: Sequence[EditRequest], method: EditMethod, hp: Any
     if rc.edit_mode == "single":
         # Each edited pytree is an ordinary (traced) argument of the jitted generation and forward
         # programs, so evaluating a new edit compiles nothing; only a question in an unseen bucket does.
-        for r in tqdm(todo, desc=f"{method.name} single"):
-            new, info = _safe_edit(method, model, model.params, [r], hp, stats=stats, **ctx)
-            info.pop("state", None)
-            post = {} if "error" in info else evaluate(model, new, [r], rc, judge, [pre[r.case_id]])[0]
-            _append(results, _record(r, pre[r.case_id], post, info))
+        # `stack_edits` edits at a time, each from the original model, are evaluated in one pass.
+        k = 1 if sharding.mesh_of(model.params) is not None else rc.stack_edits
+        bar = tqdm(total=len(todo), desc=f"{method.name} single")
+        for s in range(0, len(todo), k):
+            group = todo[s : s + k]
+            edited = [_safe_edit(method, model, model.params, [r], hp, stats=stats, **ctx) for r in group]
+            for _, info in edited:
+                info.pop("state", None)
+            for r, (_, info), post in zip(group, edited, evaluate_singles(model, group, edited, rc, judge, pre)):
+                _append(results, _record(r, pre[r.case_id], post, info))
+            bar.update(len(group))
+        bar.close()
     elif todo or missing:
         step = 1 if rc.edit_mode == "sequential" else rc.batch_size
         chunks = [requests[s : s + step] for s in range(0, len(requests), step)]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from mirage_jax import edit_checkpoint as ec
+from mirage_jax.model import diff
 
 
 def _base():
@@ -31,7 +32,7 @@ def test_only_the_difference_is_stored_and_it_comes_back_bit_for_bit(tmp_path):
     base = _base()
     params = _edited(base)
     state = {5: jnp.arange(4.0), "x": jnp.ones((2,), jnp.bfloat16)}
-    assert set(map(jax.tree_util.keystr, ec.changed_leaves(base, params))) == {
+    assert set(map(jax.tree_util.keystr, diff.changed_leaves(base, params))) == {
         "['layers'][0]['mlp']['grace']['keys']", "['layers'][0]['mlp']['grace']['count']",
         "['layers'][1]['mlp']['down']['kernel']"}
     path = tmp_path / "seq.npz"

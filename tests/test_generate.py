@@ -97,3 +97,29 @@ def test_empty_prompt_is_a_clear_error(tiny):
     *_, tok = tiny
     with pytest.raises(gen.GenerationError, match="prompt 1 is empty"):
         gen.encode_prompts(tok, ["t3 t4", ""])
+
+
+def test_rows_that_finish_early_are_compacted_away_without_changing_any_answer(tmp_path, monkeypatch):
+    """Rows stop at scattered steps (a stop rule on their text); once at most half the batch still
+    runs, the loop goes on with a smaller batch. Every generation equals the one without compaction,
+    and compaction happened (twice: 8 -> 4 -> 2 or fewer rows). The tiny Llama (the tiny GPT-2 repeats
+    one token in every row: its rows would all stop together)."""
+    cfg, params, _ = load_hf_checkpoint(golden.save_tiny("generate.llama", tmp_path))
+    cfg = cfg.replace(eos_token_ids=(1,))
+    tok = tiny_tokenizer(cfg.vocab_size)
+    rng = np.random.default_rng(3)
+    rows = [[int(t) for t in rng.integers(2, 128, size=n)] for n in (3, 9, 5, 4, 7, 2, 6, 8)]
+
+    def rule(text: str) -> bool:  # fires at a token whose number is a multiple of 5: a different step per row
+        return any(w[1:].isdigit() and int(w[1:]) % 5 == 0 for w in text.split())
+
+    kw = dict(max_new_tokens=40, stop_fn=rule, batch_size=8, chunk=2)
+    calls = []
+    compact = gen._compact
+    monkeypatch.setattr(gen, "_compact", lambda *a: calls.append(a[-1].rows.size) or compact(*a))
+    got = gen.generate_ids(params, cfg, tok, rows, **kw)
+    assert len(calls) >= 2 and calls[-1] <= 2, calls
+    monkeypatch.setattr(gen, "_compaction", lambda *a: None)
+    want = gen.generate_ids(params, cfg, tok, rows, **kw)
+    assert got == want
+    assert len({len(g.ids) for g in want}) >= 4  # the premise: the rows end at different steps

@@ -94,7 +94,8 @@ def test_resume_after_a_crash_finishes_each_sample_once(tiny_setup, tmp_path, mo
         return METHODS["FT-M"].apply(params, cfg, tok, rs, hp)
 
     method = EditMethod("FT-M", FTConfig, crashing, batchable=True)
-    rc = _rc(data, tmp_path, edit_mode=mode, batch_size=2, evaluation="wild")
+    # single: edits 0-1 are evaluated together and written, then the process dies at edit 2
+    rc = _rc(data, tmp_path, edit_mode=mode, batch_size=2, evaluation="wild", stack_edits=2)
     results = tmp_path / f"{rc.run_name}.jsonl"
     if mode == "single":
         with pytest.raises(_Killed):

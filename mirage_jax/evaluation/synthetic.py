@@ -22,7 +22,9 @@ import numpy as np
 
 from mirage_jax import distributed
 from mirage_jax.generate import generate_ids
+from mirage_jax.model import stack
 from mirage_jax.model.config import ModelConfig
+from mirage_jax.model.stack import EditStack
 from mirage_jax.model.transformer import forward
 from mirage_jax.tokens import make_batch, split_prompt_target
 
@@ -42,25 +44,37 @@ def predicted_target_tokens(
     targets: Sequence[str],
     batch_size: int = 32,
     add_special_tokens: bool = True,
+    members: Sequence[int] | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per sample: (argmax predictions over the target span, gold target ids). `add_special_tokens`
-    False for prompts that hold them already (chat-wrapped)."""
-    out: list[tuple[np.ndarray, np.ndarray]] = []
-    for s in range(0, len(prompts), batch_size):
-        b = make_batch(tokenizer, prompts[s : s + batch_size], targets[s : s + batch_size],
-                       add_special_tokens=add_special_tokens)
+    False for prompts that hold them already (chat-wrapped). `members`: with an `EditStack` as
+    params, the stacked edit each sample is scored on (ignored for plain params)."""
+    if isinstance(params, EditStack):
+        per, rounds = stack.layout(members, params.size, len(prompts), batch_size)
+        batches = []
+        for r in rounds:  # member-major rows; a filler row repeats the round's first sample, its output unread
+            at = {slot: i for i, slot in r}
+            batches.append(([at.get(slot, r[0][0]) for slot in range(params.size * per)], [slot for _, slot in r],
+                            [i for i, _ in r]))
+    else:
+        chunks = [list(range(s, min(s + batch_size, len(prompts)))) for s in range(0, len(prompts), batch_size)]
+        batches = [(rows, list(range(len(rows))), rows) for rows in chunks]
+    out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(prompts)
+    for rows, slots, items in batches:
+        b = make_batch(tokenizer, [prompts[i] for i in rows], [targets[i] for i in rows],
+                       add_special_tokens=add_special_tokens, batch_bucket=not isinstance(params, EditStack))
         pred = distributed.fetch(_argmax_tokens(params, cfg, jnp.asarray(b.tokens), jnp.asarray(b.attn_mask),
                                                 jnp.asarray(b.prompt_len)))
-        for r in range(b.n_rows):
-            pos = np.nonzero(b.target_mask[r])[0]
-            out.append((pred[r, pos - 1], b.tokens[r, pos]))
-    return out
+        for slot, i in zip(slots, items):
+            pos = np.nonzero(b.target_mask[slot])[0]
+            out[i] = (pred[slot, pos - 1], b.tokens[slot, pos])
+    return out  # type: ignore[return-value]
 
 
 def token_accuracy(params, cfg, tokenizer, prompts, targets, batch_size: int = 32,
-                   add_special_tokens: bool = True) -> list[float]:
+                   add_special_tokens: bool = True, members: Sequence[int] | None = None) -> list[float]:
     """Reliability / generalisation: teacher-forced target-token accuracy per sample."""
-    pairs = predicted_target_tokens(params, cfg, tokenizer, prompts, targets, batch_size, add_special_tokens)
+    pairs = predicted_target_tokens(params, cfg, tokenizer, prompts, targets, batch_size, add_special_tokens, members)
     return [float(np.mean(p == g)) for p, g in pairs]
 
 
@@ -70,7 +84,8 @@ def locality_agreement(pre: Sequence[np.ndarray], post: Sequence[np.ndarray]) ->
 
 
 def generated_target_tokens(params: Any, cfg: ModelConfig, tokenizer: Any, prompts: Sequence[str],
-                            targets: Sequence[str], batch_size: int = 32) -> list[tuple[np.ndarray, np.ndarray]]:
+                            targets: Sequence[str], batch_size: int = 32,
+                            members: Sequence[int] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per sample: (the first |target| greedily generated ids, -1 where generation ended earlier at
     EOS; gold target ids). The seed's GRACE variant (spec 2.2): no cache there, our KV-cached loop
     gives the same tokens (tests/test_grace.py). Target ids are split in context, as everywhere."""
@@ -79,7 +94,7 @@ def generated_target_tokens(params: Any, cfg: ModelConfig, tokenizer: Any, promp
     split = [split_prompt_target(tokenizer, p, t) for p, t in zip(prompts, targets)]
     gold = [np.asarray(ids[n:], np.int32) for ids, n in split]
     gens = generate_ids(params, cfg, tokenizer, [ids[:n] for ids, n in split],
-                        max_new_tokens=max(len(g) for g in gold), batch_size=batch_size)
+                        max_new_tokens=max(len(g) for g in gold), batch_size=batch_size, members=members)
     out = []
     for g, gen in zip(gold, gens):
         ids = np.full(len(g), -1, np.int32)

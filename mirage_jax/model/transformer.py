@@ -45,6 +45,7 @@ import numpy as np
 
 from mirage_jax.model.adapters import apply_mlp_adapters, mlp_adapters
 from mirage_jax.model.config import ModelConfig, rope_inv_freq
+from mirage_jax.model.stack import EditStack, per_member
 
 Params = Mapping[str, Any]
 Site = tuple[str, int]
@@ -218,7 +219,9 @@ def embed(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Ar
 
 
 def unembed(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
-    """Final norm + LM head -> float32 logits."""
+    """Final norm + LM head -> float32 logits (per member for an `EditStack`)."""
+    if isinstance(params, EditStack):
+        return per_member(lambda p, hidden: unembed(p, cfg, hidden), params, {"hidden": hidden})
     h = _norm(cfg, params["final_norm"], hidden)
     if cfg.tie_word_embeddings:
         logits = jnp.einsum("btd,vd->btv", h, params["embed"]["embedding"])
@@ -259,7 +262,15 @@ def forward(
       ``prompt_len - 1``); None: every token of this call is prompt. Ignored without adapters.
     routes: the ``ForwardOutput.routes`` of the prefill of the same rows (decode steps): the
       adapters' per-row decisions made at the last prompt token, which a decode step does not see.
+
+    params may be an `EditStack` of K edited models: the rows are then K equal member-major blocks,
+    block k run on member k (`stack.per_member`).
     """
+    if isinstance(params, EditStack):
+        batched = {"tokens": tokens, "attn_mask": attn_mask, "positions": positions, "cache": cache, "adds": adds,
+                   "hidden": hidden, "prompt_len": prompt_len, "routes": routes}
+        return per_member(lambda p, **kw: forward(p, cfg, **kw), params, batched, cache_index=cache_index,
+                          reads=reads, start_layer=start_layer, stop_layer=stop_layer, return_logits=return_logits)
     adds = dict(adds or {})
     for site, layer in tuple(reads) + tuple(adds):
         if site not in SITES or not 0 <= layer < cfg.num_layers:

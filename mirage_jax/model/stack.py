@@ -1,0 +1,142 @@
+"""Many single edits of one model, evaluated in one batched pass.
+
+Why: the paper's protocol is single editing -- every sample is evaluated on its own edited model --
+and a sample has only a handful of questions, so evaluating edits one by one runs the generation
+loop at batch ~4-8, far below what the hardware does in the same time. But the K edited models
+differ from the original in a few leaves (a down-projection kernel for ROME / FT-M, a few for
+MEMIT / MEND, an adapter for GRACE / WISE). An `EditStack` holds the original pytree once and only
+those leaves stacked on a leading K axis; `transformer.forward` / `unembed` given a stack run
+member k's rows on `original + member k's leaves` (`per_member`: a `jax.vmap` over K inside one
+forward, the shared leaves unbatched, so one matmul over all K x B rows reads each shared weight
+once). Rows are laid out member-major, the same number per member (`layout`). Everything around
+the forward -- the jitted decode loop, its early exit, the host's stop checks, a WISE route switch
+-- is unchanged and sees one batch of K x B rows: the loop's control flow stays outside the vmap,
+so no `lax.cond` turns into a both-branches `select`.
+
+Members must change the same leaves with the same shapes (`signature`); `group` sorts a set of
+edits into such groups. A stack needs every leaf on one device set without a multi-device
+sharding: the runner evaluates one by one on a mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mirage_jax.model.diff import PathSteps, changed_leaves, path_steps, set_leaf
+
+Signature = tuple[tuple[PathSteps, tuple[int, ...], str], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class EditStack:
+    """`base` (the unedited params, shared) and, per changed leaf, its K members' values ``[K, ...]``.
+
+    A pytree: `base` and `leaves` are traced, `paths` is static, so a jitted function compiles once
+    per set of changed leaves and K, whatever their values."""
+
+    base: Any
+    leaves: tuple[jax.Array, ...]
+    paths: tuple[PathSteps, ...]
+
+    @property
+    def size(self) -> int:
+        return int(self.leaves[0].shape[0])
+
+    def params_of(self, member_leaves: Sequence[jax.Array]) -> Any:
+        """The full pytree of one member, given its own leaves (one slice of each of `leaves`)."""
+        params = self.base
+        for steps, leaf in zip(self.paths, member_leaves):
+            params = set_leaf(params, steps, leaf)
+        return params
+
+    def member(self, k: int) -> Any:
+        return self.params_of([leaf[k] for leaf in self.leaves])
+
+
+jax.tree_util.register_dataclass(EditStack, data_fields=["base", "leaves"], meta_fields=["paths"])
+
+
+def signature(base: Any, params: Any) -> Signature:
+    """Which leaves `params` changed or added relative to `base`, with their shapes and dtypes:
+    edits with equal signatures can share a stack."""
+    return tuple((path_steps(p), tuple(jnp.shape(leaf)), jnp.result_type(leaf).name)
+                 for p, leaf in changed_leaves(base, params).items())
+
+
+def group(base: Any, edited: Sequence[Any]) -> list[list[int]]:
+    """Indices of `edited` in groups of equal `signature`, in first-seen order."""
+    groups: dict[Signature, list[int]] = {}
+    for i, params in enumerate(edited):
+        groups.setdefault(signature(base, params), []).append(i)
+    return list(groups.values())
+
+
+def build(base: Any, edited: Sequence[Any]) -> Any:
+    """One pytree for evaluating every member of `edited` (equal signatures): an `EditStack`, or
+    `base` itself when no member changed anything (then every member *is* the original model)."""
+    if not edited:
+        raise ValueError("an edit stack needs at least one edited pytree")
+    sigs = {signature(base, p) for p in edited}
+    if len(sigs) != 1:
+        raise ValueError("the edits of one stack must change the same leaves with the same shapes; use group()")
+    (sig,) = sigs
+    if not sig:
+        return base
+    flat = [changed_leaves(base, p) for p in edited]
+    keys = list(flat[0])
+    return EditStack(base, tuple(jnp.stack([f[k] for f in flat]) for k in keys), tuple(s[0] for s in sig))
+
+
+def per_member(fn: Callable[..., Any], stack: EditStack, batched: dict[str, Any], **shared: Any) -> Any:
+    """``fn(member params, **batched, **shared)`` for every member at once.
+
+    Every array in `batched` has ``K x B`` rows, member-major; the outputs come back the same way.
+    Non-array leaves of `batched` (None, a Python flag in a route) are passed to every member as they
+    are, like `shared`."""
+    k = stack.size
+    leaves, treedef = jax.tree_util.tree_flatten(batched)
+    is_rows = [isinstance(x, (jax.Array, np.ndarray)) and np.ndim(x) >= 1 for x in leaves]
+    rows = []
+    for x, r in zip(leaves, is_rows):
+        if r:
+            if x.shape[0] % k:
+                raise ValueError(f"{x.shape[0]} rows cannot be split over {k} stacked edits")
+            rows.append(jnp.reshape(x, (k, x.shape[0] // k) + tuple(x.shape[1:])))
+
+    def one(member_leaves, member_rows):
+        it = iter(member_rows)
+        args = jax.tree_util.tree_unflatten(treedef, [next(it) if r else x for x, r in zip(leaves, is_rows)])
+        return fn(stack.params_of(member_leaves), **args, **shared)
+
+    out = jax.vmap(one)(stack.leaves, rows)
+    return jax.tree_util.tree_map(lambda x: jnp.reshape(x, (-1,) + tuple(x.shape[2:])), out)
+
+
+def layout(members: Sequence[int] | None, n_members: int, n_items: int,
+           per_cap: int) -> tuple[int, list[list[tuple[int, int]]]]:
+    """Where each item goes in member-major batches: ``(rows per member, rounds)``, each round a list
+    of ``(item index, row slot)``; a round has ``n_members x rows per member`` slots, the empty ones
+    are filler. Rows per member are a power of two (a bucket) of at most `per_cap`'s bucket, so a
+    handful of programs serve every stack."""
+    if members is None or len(members) != n_items:
+        raise ValueError("evaluating an edit stack needs the member of every prompt")
+    if any(not 0 <= m < n_members for m in members):
+        raise ValueError(f"a prompt's member is outside the stack's 0..{n_members - 1}")
+    by_member: list[list[int]] = [[] for _ in range(n_members)]
+    for i, m in enumerate(members):
+        by_member[m].append(i)
+    most = max((len(b) for b in by_member), default=0)
+    per = 1
+    while per < min(max(most, 1), per_cap):
+        per *= 2
+    rounds = []
+    for start in range(0, most, per):
+        rounds.append([(i, m * per + j) for m, items in enumerate(by_member)
+                       for j, i in enumerate(items[start : start + per])])
+    return per, rounds
