@@ -111,9 +111,13 @@ def _redo_switched(params: Params, cfg: ModelConfig, cache: KVCache, s: DecodeSt
 def _prefill(params: Params, cfg: ModelConfig, tokens: jax.Array, mask: jax.Array,
              cache: KVCache, prompt_len: jax.Array) -> tuple[KVCache, jax.Array, dict]:
     """The whole left-padded prompt batch in one forward: the filled cache, each row's first new token
-    and the adapters' routes (empty without adapters)."""
-    out = forward(params, cfg, tokens, attn_mask=mask, cache=cache, cache_index=0, prompt_len=prompt_len)
-    return out.cache, jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32), out.routes
+    and the adapters' routes (empty without adapters). Logits at the last position only: over every
+    prompt position the LM head would cost more than the whole stack (49k x 576 on the default model)
+    and its [B, P, V] float32 output would not fit in cache."""
+    out = forward(params, cfg, tokens, attn_mask=mask, cache=cache, cache_index=0, prompt_len=prompt_len,
+                  return_logits=False)
+    logits = unembed(params, cfg, out.hidden[:, -1:])
+    return out.cache, jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), out.routes
 
 
 def _decode_impl(params: Params, cfg: ModelConfig, cache: KVCache, state: DecodeState, limit: jax.Array,

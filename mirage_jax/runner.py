@@ -88,8 +88,10 @@ class RunConfig:
     # module docstring); 0 = never, a resumed run then replays every edit.
     checkpoint_every: int = 10
     # Single mode: edits made one by one from the original model, then evaluated this many at a time
-    # in one batched pass (`mirage_jax.model.stack`); 1 = each on its own. On a device mesh: 1.
-    stack_edits: int = 16
+    # in one batched pass (`mirage_jax.model.stack`); 1 = each on its own. None: 16 on a GPU / TPU,
+    # where a small batch leaves the chip waiting on weight reads, 1 on a CPU, where generation is
+    # compute-bound and a stack only adds padding (measured 0.79x, BUILD_NOTES). On a device mesh: 1.
+    stack_edits: int | None = None
 
     def __post_init__(self):
         if self.edit_mode not in EDIT_MODES:
@@ -100,7 +102,7 @@ class RunConfig:
             raise RunError("batch_size must be >= 1")
         if self.checkpoint_every < 0:
             raise RunError("checkpoint_every must be >= 0 (0: never)")
-        if self.stack_edits < 1:
+        if self.stack_edits is not None and self.stack_edits < 1:
             raise RunError("stack_edits must be >= 1 (1: every single edit evaluated on its own)")
         if self.eval_at:
             if self.edit_mode == "single":
@@ -232,7 +234,9 @@ def evaluate_singles(model: Any, reqs: Sequence[EditRequest], edited: Sequence[t
     together as one `EditStack`, which gives each its own model in one batched pass."""
     ok = [i for i, (_, info) in enumerate(edited) if "error" not in info]
     posts: list[dict] = [{} for _ in reqs]
-    for members in stack.group(model.params, [edited[i][0] for i in ok]):
+    # A stack's changed leaves may take up to 1/8 of the model's bytes: a 7B MEMIT stack then holds 3
+    # edits, a ROME one 16, and a GPU that fits the model fits its stacks.
+    for members in stack.group(model.params, [edited[i][0] for i in ok], max_bytes=stack.nbytes(model.params) // 8):
         idx = [ok[j] for j in members]
         params = edited[idx[0]][0] if len(idx) == 1 else stack.build(model.params, [edited[i][0] for i in idx])
         for i, post in zip(idx, evaluate(model, params, [reqs[i] for i in idx], rc, judge,
@@ -436,7 +440,8 @@ def run(model: Any, requests: Sequence[EditRequest], method: EditMethod, hp: Any
         # Each edited pytree is an ordinary (traced) argument of the jitted generation and forward
         # programs, so evaluating a new edit compiles nothing; only a question in an unseen bucket does.
         # `stack_edits` edits at a time, each from the original model, are evaluated in one pass.
-        k = 1 if sharding.mesh_of(model.params) is not None else rc.stack_edits
+        k = rc.stack_edits or (1 if jax.default_backend() == "cpu" else 16)
+        k = 1 if sharding.mesh_of(model.params) is not None else k
         bar = tqdm(total=len(todo), desc=f"{method.name} single")
         for s in range(0, len(todo), k):
             group = todo[s : s + k]

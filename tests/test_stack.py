@@ -125,6 +125,8 @@ def test_grouping_and_degenerate_stacks(tiny):
     a, b = _rank_one(tiny, 0), _rank_one(tiny, 1)
     w = _wise(tiny, 1, 1.1)
     assert stack.group(tiny.params, [a, w, b, tiny.params, w]) == [[0, 2], [1, 4], [3]]
+    kernel = tiny.params["layers"][LAYER]["mlp"]["down"]["kernel"]
+    assert stack.group(tiny.params, [a, b, a], max_bytes=2 * kernel.nbytes) == [[0, 1], [2]]  # two kernels a stack
     assert stack.build(tiny.params, [tiny.params, tiny.params]) is tiny.params  # no change: the original
     with pytest.raises(ValueError, match="same leaves"):
         stack.build(tiny.params, [a, w])
