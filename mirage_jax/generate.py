@@ -17,6 +17,11 @@ Why it is built this way:
   loop (a token id suffices). Per chunk the host fetches `step` and `done` and, when there are
   stop strings or a stop rule, the generated ids (`[B, N]` int32, small), decodes each row with
   the tokenizer, and sends back `done` with the rows whose text has stopped.
+* Compaction. Answers end at very different steps (on the default model most by ~27 tokens, some
+  at the 50-token budget), and a finished row still costs a forward per step. Once at most half
+  the batch runs, the host gathers the running rows into the next smaller bucket (`_compaction`).
+* Edit stacks. With an `EditStack` as params (`mirage_jax.model.stack`), every prompt says which
+  stacked edit answers it (`members`) and rows are laid out member-major.
 
     python -m mirage_jax.generate --model=default --prompt='The capital of France is' --max_new_tokens=12
 """
