@@ -343,8 +343,9 @@ def _generate_batch(
         state = state._replace(done=jnp.asarray(done))
         if done.all():
             break
-        plan = _compaction(done, params.size if isinstance(params, EditStack) else 1) if mesh is None else None
-        if plan is not None and max_new - step > chunk:  # rows that are done would keep costing a full step
+        worth = mesh is None and max_new - step > chunk  # rows that are done would keep costing a full step
+        plan = _compaction(done, params.size if isinstance(params, EditStack) else 1) if worth else None
+        if plan is not None:
             out = distributed.fetch(state.out) if out is None else out
             for i in np.nonzero(row_of >= 0)[0]:
                 if done[row_of[i]]:

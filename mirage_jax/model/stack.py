@@ -65,14 +65,20 @@ jax.tree_util.register_dataclass(EditStack, data_fields=["base", "leaves"], meta
 def signature(base: Any, params: Any) -> Signature:
     """Which leaves `params` changed or added relative to `base`, with their shapes and dtypes:
     edits with equal signatures can share a stack."""
-    return tuple((path_steps(p), tuple(jnp.shape(leaf)), jnp.result_type(leaf).name)
-                 for p, leaf in changed_leaves(base, params).items())
+    return _signature(changed_leaves(base, params))
+
+
+def _signature(changed: dict[tuple, Any]) -> Signature:
+    return tuple((path_steps(p), tuple(jnp.shape(leaf)), jnp.result_type(leaf).name) for p, leaf in changed.items())
 
 
 def group(base: Any, edited: Sequence[Any], max_bytes: int | None = None) -> list[list[int]]:
     """Indices of `edited` in groups of equal `signature`, in first-seen order; with `max_bytes`, a
     group whose stacked leaves would take more is split (a stack costs K x the changed leaves, and
-    the K edited pytrees hold as much again: MEMIT's five 7B kernels are 0.45 GB a member)."""
+    the K edited pytrees hold as much again: MEMIT's five 7B kernels are 0.45 GB a member). A single
+    edit is its own group: no leaf is compared."""
+    if len(edited) < 2:
+        return [list(range(len(edited)))] if edited else []
     groups: dict[Signature, list[int]] = {}
     for i, params in enumerate(edited):
         groups.setdefault(signature(base, params), []).append(i)
@@ -94,13 +100,13 @@ def build(base: Any, edited: Sequence[Any]) -> Any:
     `base` itself when no member changed anything (then every member *is* the original model)."""
     if not edited:
         raise ValueError("an edit stack needs at least one edited pytree")
-    sigs = {signature(base, p) for p in edited}
+    flat = [changed_leaves(base, p) for p in edited]
+    sigs = {_signature(f) for f in flat}
     if len(sigs) != 1:
         raise ValueError("the edits of one stack must change the same leaves with the same shapes; use group()")
     (sig,) = sigs
     if not sig:
         return base
-    flat = [changed_leaves(base, p) for p in edited]
     keys = list(flat[0])
     return EditStack(base, tuple(jnp.stack([f[k] for f in flat]) for k in keys), tuple(s[0] for s in sig))
 
