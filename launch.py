@@ -21,7 +21,7 @@ from mirage_jax.cli import define_hparam_flags, define_model_flags, load_model_f
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("method", "FT-M", "FT-L, FT-M, ROME, R-ROME, MEMIT, AlphaEdit, MEND, GRACE or WISE")
-define_model_flags()
+define_model_flags(compile_cache=cli.USER_COMPILE_CACHE)
 define_hparam_flags()
 flags.adopt_module_key_flags(cli)  # --help lists the shared flags too
 flags.DEFINE_enum("dataset", "demo", ["demo", "qaedit", "zsre", "counterfact"],

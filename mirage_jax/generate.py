@@ -358,6 +358,9 @@ def _generate_batch(
     return [_generation(tokenizer, row[:max_new], hit, eos) for row, hit in zip(outs, stopped)]
 
 
+MIN_COMPACT_ROWS = 8  # the smallest batch a compaction makes (see `_compaction`)
+
+
 class _Plan(NamedTuple):
     rows: np.ndarray  # [new batch] the old row each new row comes from (filler rows: any row of their member)
     members: np.ndarray  # [new K] the old stack member each new member comes from (filler members repeat one)
@@ -369,11 +372,16 @@ def _compaction(done: np.ndarray, k: int) -> _Plan | None:
     before the longest (on the default model under chat_temp ~27 of 50 tokens), and every done row
     would otherwise cost a full forward per step. With an edit stack (`k` members, rows member-major)
     the members without running rows go too, and each member keeps the same number of rows. Batch
-    and member counts stay powers of two, so a few programs serve every compaction."""
+    and member counts stay powers of two, so a few programs serve every compaction, and a batch
+    never shrinks below `MIN_COMPACT_ROWS`: every new batch size is one more compiled decode loop
+    (~2 s on a CPU), which a per-sample WILD batch of ~7 rows never earned back in a 20-sample run
+    (11 decode programs where 4 served before compaction), while under ~8 rows a step on a GPU /
+    TPU is bound by reading the weights, not by the rows."""
     per = len(done) // k
     running = (~done).reshape(k, per)
     members = np.nonzero(running.any(1))[0]
     new_per, new_k = bucket(int(running.sum(1).max()), 1), bucket(len(members), 1)
+    new_per = max(new_per, min(per, MIN_COMPACT_ROWS // new_k))  # filler rows up to the floor
     if 2 * new_k * new_per > len(done):
         return None
     src_members = np.concatenate([members, np.repeat(members[:1], new_k - len(members))])
@@ -457,7 +465,7 @@ def main(argv: Sequence[str]) -> None:
 def _flags() -> None:
     from mirage_jax import cli
 
-    cli.define_model_flags()
+    cli.define_model_flags(compile_cache=cli.USER_COMPILE_CACHE)
     flags.adopt_module_key_flags(cli)
     flags.DEFINE_string("prompt", None, "text to continue", required=True)
     flags.DEFINE_integer("max_new_tokens", 50, "number of tokens to generate at most")

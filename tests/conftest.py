@@ -15,6 +15,10 @@ import os
 
 import pytest
 
+# The commands' persistent XLA cache stays off in tests (also in the CLIs they start as subprocesses),
+# so that a test run leaves nothing in ~/.cache; test_cli_output checks the cache on its own directory.
+os.environ["MIRAGE_JAX_COMPILE_CACHE"] = ""
+
 PARITY_INSTALL = "pip install -e '.[parity]' (CPU torch first: see pyproject.toml)"
 
 

@@ -31,14 +31,17 @@ def tiny_ckpt(tmp_path_factory):
 
 def test_launch_ends_with_the_table_its_files_and_the_judge(tmp_path, tiny_ckpt):
     """The main job's last words: the paper-style table (formatted numbers, no JSON), the paths of
-    its files, the judge line; no start-up noise on stderr. Then the report reads the same run."""
-    out = tmp_path / "out"
+    its files, the judge line; no start-up noise on stderr. Then the report reads the same run. Its
+    XLA programs went to --compile_cache (every one of them here: the tiny model's compile in < 1 s)."""
+    out, xla = tmp_path / "out", tmp_path / "xla"
     p = subprocess.run([sys.executable, "launch.py", "--method=FT-M", f"--model={tiny_ckpt}", "--dataset=demo",
                         "--ds_size=2", "--evaluation=both", "--context_type=question-only", "--max_new_tokens=4",
                         "--hparams_for=smollm2-135m", "--hp", "layers=1", "--hp", "num_steps=2",
-                        f"--output_dir={out}"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300, check=False, env=_env())
+                        f"--output_dir={out}", f"--compile_cache={xla}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+                       env=_env(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0"))
     assert p.returncode == 0, p.stderr[-2000:]
+    assert len(list(xla.iterdir())) >= 4  # at least the FT loop, the scorer, prefill and decode
     run = "FT-M_ckpt_demo_single_both_question-only"
     files = [out / f"{run}.jsonl", out / f"{run}_summary.json", out / f"{run}_table.md"]
     assert all(f.exists() for f in files)

@@ -140,3 +140,21 @@ def test_packed_reads_give_the_full_logits_loss_and_gradient(tiny, objective):
         lambda w: _full_logits_loss(replace_down_kernels(tiny.params, w), tiny.cfg, b, objective))(w)
     np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(g_got[1]), np.asarray(g_want[1]), rtol=1e-4, atol=1e-7)
+
+
+def test_target_length_adds_no_compiled_shape_within_a_row_bucket(tiny):
+    """Answers of 2 and 7 tokens after a ~20-token prompt (rows in the 32 bucket): one FT loop and
+    one synthetic scorer serve both -- the packed reads take a quarter of the row (`read_slots`),
+    not a bucket of their own (with `bucket(n, 4)` each compiled twice, ~1-3 s apiece on a CPU)."""
+    from mirage_jax.editing import ft
+    from mirage_jax.evaluation import synthetic
+
+    prompt = " ".join(f"t{i}" for i in range(10, 30))
+    targets = ["t50 t51", "t60 t61 t62 t63 t64 t65 t66"]
+    hp = FTConfig(layers=(1,), num_steps=2)
+    loops, scorers = ft._optimise._cache_size(), synthetic._argmax_tokens._cache_size()
+    for target in targets:
+        new, _ = ft_edit(tiny.params, tiny.cfg, tiny.tokenizer, [prompt], [target], hp)
+        token_accuracy(new, tiny.cfg, tiny.tokenizer, [prompt], [target])
+    assert ft._optimise._cache_size() - loops == 1
+    assert synthetic._argmax_tokens._cache_size() - scorers == 1

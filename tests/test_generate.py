@@ -117,9 +117,26 @@ def test_rows_that_finish_early_are_compacted_away_without_changing_any_answer(t
     calls = []
     compact = gen._compact
     monkeypatch.setattr(gen, "_compact", lambda *a: calls.append(a[-1].rows.size) or compact(*a))
+    monkeypatch.setattr(gen, "MIN_COMPACT_ROWS", 1)  # the mechanics, on a batch of 8
     got = gen.generate_ids(params, cfg, tok, rows, **kw)
     assert len(calls) >= 2 and calls[-1] <= 2, calls
     monkeypatch.setattr(gen, "_compaction", lambda *a: None)
     want = gen.generate_ids(params, cfg, tok, rows, **kw)
     assert got == want
     assert len({len(g.ids) for g in want}) >= 4  # the premise: the rows end at different steps
+
+
+def test_compaction_never_makes_a_batch_smaller_than_the_floor():
+    """Each new batch size is one more compiled decode loop: small batches are left alone, a big
+    one shrinks only down to `MIN_COMPACT_ROWS` (filler rows marked done), members stay whole."""
+    floor = gen.MIN_COMPACT_ROWS
+    one_running = np.ones(64, bool)
+    one_running[5] = False
+    plan = gen._compaction(one_running, 1)
+    assert plan.rows.size == floor and plan.rows[0] == 5 and plan.done.sum() == floor - 1
+    assert gen._compaction(one_running[:floor], 1) is None  # a batch at the floor is never compacted
+    done = np.ones(64, bool)
+    done[[1, 17]] = False  # 4 members of 16 rows: members 0 and 1 each keep one running row
+    plan = gen._compaction(done, 4)
+    assert plan.rows.size == floor and list(plan.members) == [0, 1]
+    assert [int(r) for r, d in zip(plan.rows, plan.done) if not d] == [1, 17]

@@ -99,6 +99,7 @@ def test_generation_of_a_stack_is_each_members_generation(tiny, kind, monkeypatc
     compactions = []
     compact = gen._compact
     monkeypatch.setattr(gen, "_compact", lambda *a: compactions.append(a[-1].members.size) or compact(*a))
+    monkeypatch.setattr(gen, "MIN_COMPACT_ROWS", 1)  # the mechanics, on batches of a few rows
     got = gen.generate_ids(st, tiny.cfg, tiny.tokenizer, prompts, members=owner, **kw)
     assert compactions and min(compactions) < 4, compactions  # the stack of 4 lost its finished members
     for m, params in enumerate(members):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mirage_jax.model.transformer import unembed
-from mirage_jax.tokens import EditInputError, bucket
+from mirage_jax.tokens import EditInputError, read_slots
 
 T = TypeVar("T")
 
@@ -78,7 +78,7 @@ def target_nll(logits: jax.Array, tokens: jax.Array, target_mask: jax.Array) -> 
 
 class Reads(NamedTuple):
     """Where the loss reads the model, packed: `[B, K]` positions whose output distribution scores a
-    target token, the token, and a mask (K = the most target tokens of a row, bucketed).
+    target token, the token, and a mask (K = `read_slots` of the most target tokens of a row).
 
     FT-M reads position t for the target token at t + 1 (teacher forcing); FT-L reads the last
     prompt token for every target token (a bag of tokens under one distribution). Only these K
@@ -96,7 +96,7 @@ def loss_reads(tokens: np.ndarray, target_mask: np.ndarray, prompt_last: np.ndar
     rows whose `target_mask` is all zero (e.g. WISE's irrelevant row) read nothing."""
     b = tokens.shape[0]
     targets = [np.flatnonzero(target_mask[r]) for r in range(b)]
-    k = bucket(max((len(t) for t in targets), default=1), 4)
+    k = read_slots(max((len(t) for t in targets), default=1), tokens.shape[1])
     pos, tok, mask = np.zeros((b, k), np.int32), np.zeros((b, k), np.int32), np.zeros((b, k), np.float32)
     for r, idx in enumerate(targets):
         n = len(idx)

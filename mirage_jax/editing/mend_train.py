@@ -421,7 +421,7 @@ def _flags() -> None:
 
     from mirage_jax import cli
 
-    cli.define_model_flags()
+    cli.define_model_flags(compile_cache=cli.USER_COMPILE_CACHE)
     cli.define_hparam_flags()
     flags.adopt_module_key_flags(cli)
     flags.DEFINE_string("train_data", None, "ZsRE training split (MEND format) or a CounterFact file", required=True)

