@@ -237,9 +237,9 @@ def evaluate_singles(model: Any, reqs: Sequence[EditRequest], edited: Sequence[t
     posts: list[dict] = [{} for _ in reqs]
     # A stack's changed leaves may take up to 1/8 of the model's bytes: a 7B MEMIT stack then holds 3
     # edits, a ROME one 16, and a GPU that fits the model fits its stacks.
-    for members in stack.group(model.params, [edited[i][0] for i in ok], max_bytes=stack.nbytes(model.params) // 8):
+    for members, params in stack.stacks(model.params, [edited[i][0] for i in ok],
+                                        max_bytes=stack.nbytes(model.params) // 8):
         idx = [ok[j] for j in members]
-        params = edited[idx[0]][0] if len(idx) == 1 else stack.build(model.params, [edited[i][0] for i in idx])
         for i, post in zip(idx, evaluate(model, params, [reqs[i] for i in idx], rc, judge,
                                          [pre[reqs[i].case_id] for i in idx])):
             posts[i] = post

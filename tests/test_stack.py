@@ -126,6 +126,13 @@ def test_grouping_and_degenerate_stacks(tiny):
     a, b = _rank_one(tiny, 0), _rank_one(tiny, 1)
     w = _wise(tiny, 1, 1.1)
     assert stack.group(tiny.params, [a, w, b, tiny.params, w]) == [[0, 2], [1, 4], [3]]
+    built = stack.stacks(tiny.params, [a, w, b, tiny.params, w])  # the runner's: groups with their pytrees
+    assert [idx for idx, _ in built] == [[0, 2], [1, 4], [3]] and built[2][1] is tiny.params  # lone: itself
+    for (_, st), members in zip(built[:2], ([a, b], [w, w])):
+        want = stack.build(tiny.params, members)
+        assert st.paths == want.paths
+        for x, y in zip(st.leaves, want.leaves):
+            np.testing.assert_array_equal(x, y)
     kernel = tiny.params["layers"][LAYER]["mlp"]["down"]["kernel"]
     assert stack.group(tiny.params, [a, b, a], max_bytes=2 * kernel.nbytes) == [[0, 1], [2]]  # two kernels a stack
     assert stack.build(tiny.params, [tiny.params, tiny.params]) is tiny.params  # no change: the original

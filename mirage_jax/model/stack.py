@@ -14,8 +14,8 @@ the forward -- the jitted decode loop, its early exit, the host's stop checks, a
 so no `lax.cond` turns into a both-branches `select`.
 
 Members must change the same leaves with the same shapes (`signature`); `group` sorts a set of
-edits into such groups. A stack needs every leaf on one device set without a multi-device
-sharding: the runner evaluates one by one on a mesh.
+edits into such groups, `stacks` also builds their stacks. A stack needs every leaf on one device
+set without a multi-device sharding: the runner evaluates one by one on a mesh.
 """
 
 from __future__ import annotations
@@ -77,16 +77,29 @@ def group(base: Any, edited: Sequence[Any], max_bytes: int | None = None) -> lis
     group whose stacked leaves would take more is split (a stack costs K x the changed leaves, and
     the K edited pytrees hold as much again: MEMIT's five 7B kernels are 0.45 GB a member). A single
     edit is its own group: no leaf is compared."""
+    return [idx for idx, _ in stacks(base, edited, max_bytes, build=False)]
+
+
+def stacks(base: Any, edited: Sequence[Any], max_bytes: int | None = None, *,
+           build: bool = True) -> list[tuple[list[int], Any]]:
+    """`group`'s groups, each with the pytree that evaluates it: the edited params of a lone member,
+    else its `EditStack` (or `base` where no member changed anything). Every member's leaves are
+    compared with the original once, for its signature and its stacked leaves together."""
     if len(edited) < 2:
-        return [list(range(len(edited)))] if edited else []
+        return [([i], p) for i, p in enumerate(edited)]
+    flat = [changed_leaves(base, p) for p in edited]
     groups: dict[Signature, list[int]] = {}
-    for i, params in enumerate(edited):
-        groups.setdefault(signature(base, params), []).append(i)
+    for i, f in enumerate(flat):
+        groups.setdefault(_signature(f), []).append(i)
     out = []
     for sig, members in groups.items():
         each = sum(int(np.prod(shape)) * np.dtype(jnp.dtype(dtype)).itemsize for _, shape, dtype in sig)
         k = len(members) if max_bytes is None or each == 0 else max(1, max_bytes // each)
-        out += [members[s : s + k] for s in range(0, len(members), k)]
+        for idx in (members[s : s + k] for s in range(0, len(members), k)):
+            if not build:
+                out.append((idx, None))
+            else:
+                out.append((idx, edited[idx[0]] if len(idx) == 1 else _stack(base, [flat[i] for i in idx], sig)))
     return out
 
 
@@ -104,7 +117,10 @@ def build(base: Any, edited: Sequence[Any]) -> Any:
     sigs = {_signature(f) for f in flat}
     if len(sigs) != 1:
         raise ValueError("the edits of one stack must change the same leaves with the same shapes; use group()")
-    (sig,) = sigs
+    return _stack(base, flat, sigs.pop())
+
+
+def _stack(base: Any, flat: Sequence[dict[tuple, Any]], sig: Signature) -> Any:
     if not sig:
         return base
     keys = list(flat[0])
