@@ -21,8 +21,10 @@ run() {  # tag, checkout, extra flags
   local tag=$1 dir=$2; shift 2
   local t0 t1
   t0=$(date +%s.%N)
-  (cd "$dir" && JAX_LOG_COMPILES=1 PYTHONPATH="$dir" /usr/bin/time -f "%U %S" -o "$work/$tag.cpu" \
-     python launch.py $args --output_dir="$work/out_$tag" "$@" > "$work/$tag.log" 2>&1)
+  if ! (cd "$dir" && JAX_LOG_COMPILES=1 PYTHONPATH="$dir" /usr/bin/time -f "%U %S" -o "$work/$tag.cpu" \
+          python launch.py $args --output_dir="$work/out_$tag" "$@" > "$work/$tag.log" 2>&1); then
+    echo "$tag: launch.py failed; the end of its log:"; tail -20 "$work/$tag.log"; exit 1
+  fi
   t1=$(date +%s.%N)
   python - "$tag" "$work" "$t0" "$t1" <<'PY'
 import json, re, sys
