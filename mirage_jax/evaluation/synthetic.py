@@ -21,12 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from mirage_jax import distributed
+from mirage_jax.editing.common import loss_reads
 from mirage_jax.generate import generate_ids
 from mirage_jax.model import stack
 from mirage_jax.model.config import ModelConfig
 from mirage_jax.model.stack import EditStack
 from mirage_jax.model.transformer import forward, unembed
-from mirage_jax.tokens import make_batch, read_slots, split_prompt_target
+from mirage_jax.tokens import make_batch, split_prompt_target
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
@@ -67,15 +68,12 @@ def predicted_target_tokens(
     for rows, slots, items in batches:
         b = make_batch(tokenizer, [prompts[i] for i in rows], [targets[i] for i in rows],
                        add_special_tokens=add_special_tokens, batch_bucket=not isinstance(params, EditStack))
-        targets_at = [np.nonzero(row)[0] for row in b.target_mask]
-        read_pos = np.zeros((len(targets_at), read_slots(max(len(p) for p in targets_at), b.tokens.shape[1])), np.int32)
-        for r, pos in enumerate(targets_at):
-            read_pos[r, : len(pos)] = pos - 1
+        reads = loss_reads(b.tokens, b.target_mask, b.prompt_last, "target_new")  # where FT-M's loss reads
         pred = distributed.fetch(_argmax_tokens(params, cfg, jnp.asarray(b.tokens), jnp.asarray(b.attn_mask),
-                                                jnp.asarray(b.prompt_len), jnp.asarray(read_pos)))
+                                                jnp.asarray(b.prompt_len), reads.pos))
+        gold, n_read = np.asarray(reads.tok), np.asarray(reads.mask).sum(1).astype(int)
         for slot, i in zip(slots, items):
-            pos = targets_at[slot]
-            out[i] = (pred[slot, : len(pos)], b.tokens[slot, pos])
+            out[i] = (pred[slot, : n_read[slot]], gold[slot, : n_read[slot]])
     return out  # type: ignore[return-value]
 
 

@@ -77,29 +77,32 @@ def group(base: Any, edited: Sequence[Any], max_bytes: int | None = None) -> lis
     group whose stacked leaves would take more is split (a stack costs K x the changed leaves, and
     the K edited pytrees hold as much again: MEMIT's five 7B kernels are 0.45 GB a member). A single
     edit is its own group: no leaf is compared."""
-    return [idx for idx, _ in stacks(base, edited, max_bytes, build=False)]
+    if len(edited) < 2:
+        return [[i] for i in range(len(edited))]
+    return [idx for idx, _ in _split([signature(base, p) for p in edited], max_bytes)]
 
 
-def stacks(base: Any, edited: Sequence[Any], max_bytes: int | None = None, *,
-           build: bool = True) -> list[tuple[list[int], Any]]:
+def stacks(base: Any, edited: Sequence[Any], max_bytes: int | None = None) -> list[tuple[list[int], Any]]:
     """`group`'s groups, each with the pytree that evaluates it: the edited params of a lone member,
     else its `EditStack` (or `base` where no member changed anything). Every member's leaves are
     compared with the original once, for its signature and its stacked leaves together."""
     if len(edited) < 2:
         return [([i], p) for i, p in enumerate(edited)]
     flat = [changed_leaves(base, p) for p in edited]
+    return [(idx, edited[idx[0]] if len(idx) == 1 else _stack(base, [flat[i] for i in idx], sig))
+            for idx, sig in _split([_signature(f) for f in flat], max_bytes)]
+
+
+def _split(sigs: Sequence[Signature], max_bytes: int | None) -> list[tuple[list[int], Signature]]:
+    """Indices grouped by equal signature (first-seen order), each group cut to `max_bytes` of stacked leaves."""
     groups: dict[Signature, list[int]] = {}
-    for i, f in enumerate(flat):
-        groups.setdefault(_signature(f), []).append(i)
+    for i, sig in enumerate(sigs):
+        groups.setdefault(sig, []).append(i)
     out = []
     for sig, members in groups.items():
         each = sum(int(np.prod(shape)) * np.dtype(jnp.dtype(dtype)).itemsize for _, shape, dtype in sig)
         k = len(members) if max_bytes is None or each == 0 else max(1, max_bytes // each)
-        for idx in (members[s : s + k] for s in range(0, len(members), k)):
-            if not build:
-                out.append((idx, None))
-            else:
-                out.append((idx, edited[idx[0]] if len(idx) == 1 else _stack(base, [flat[i] for i in idx], sig)))
+        out += [(members[s : s + k], sig) for s in range(0, len(members), k)]
     return out
 
 

@@ -81,12 +81,12 @@ def positions_from_mask(mask: jax.Array) -> jax.Array:
 # --- building blocks -------------------------------------------------------------------------
 
 
-def _dense(p: Params, x: jax.Array) -> jax.Array:
-    """``x @ kernel (+ bias)``, accumulated in float32 and rounded to x's dtype once, as GPU matmul
-    units (and PyTorch) do for bfloat16. Why explicit: XLA's CPU dot with a bfloat16 *result* is
-    ~8x slower than one with a float32 result (30 MLPs of the default model at 8 rows: 125 vs
-    14.5 ms), which made `--dtype=bfloat16` decode 4x slower than float32 on a CPU."""
-    y = jnp.dot(x, p["kernel"], preferred_element_type=jnp.float32).astype(x.dtype)
+def _dense(p: Params, x: jax.Array, dtype: Any = None) -> jax.Array:
+    """``x @ kernel (+ bias)``, accumulated in float32 and rounded once to `dtype` (default: x's), as
+    GPU matmul units (and PyTorch) do for bfloat16. Why explicit: XLA's CPU dot with a bfloat16
+    *result* is ~8x slower than one with a float32 result (30 MLPs of the default model at 8 rows:
+    125 vs 14.5 ms), which made `--dtype=bfloat16` decode 4x slower than float32 on a CPU."""
+    y = jnp.dot(x, p["kernel"], preferred_element_type=jnp.float32).astype(dtype or x.dtype)
     return y + p["bias"] if "bias" in p else y
 
 
@@ -231,9 +231,7 @@ def unembed(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
     if cfg.tie_word_embeddings:
         logits = jnp.einsum("btd,vd->btv", h, params["embed"]["embedding"], preferred_element_type=jnp.float32)
     else:
-        p = params["lm_head"]
-        logits = jnp.dot(h, p["kernel"], preferred_element_type=jnp.float32)
-        logits = logits + p["bias"] if "bias" in p else logits
+        logits = _dense(params["lm_head"], h, jnp.float32)
     return logits
 
 
