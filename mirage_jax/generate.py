@@ -12,6 +12,13 @@ Why it is built this way:
   rule) on the decoded text -- something token ids alone cannot express ("." inside ".\\n",
   "Robert C. Newton"). Bigger chunks mean fewer host round trips but more wasted steps after a
   row's text has stopped.
+* Early checks. A text stop can only fire on a token with one of the stop's last characters in it
+  (`stop_chars`: "." and "\n" for the WILD rules), or on the token after it (a period at the end of
+  the text waits for the next character). The loop leaves its chunk early when a running row has
+  written such a token in its last two steps, so the host checks it then, not up to `chunk` - 1
+  steps later; a per-sample WILD batch no longer idles to the end of a chunk after its last answer.
+  Which tokens trigger a check decides only *when* the host looks, never what it finds: the
+  results are the same for any table.
 * Host vs device. The parameters, the KV cache (allocated once per batch, prompt + new-token
   buckets long) and the `DecodeState` live on the device, and EOS is checked there, inside the
   loop (a token id suffices). Per chunk the host fetches `step` and `done` and, when there are
@@ -20,6 +27,10 @@ Why it is built this way:
 * Compaction. Answers end at very different steps (on the default model most by ~27 tokens, some
   at the 50-token budget), and a finished row still costs a forward per step. Once at most half
   the batch runs, the host gathers the running rows into the next smaller bucket (`_compaction`).
+* Shared prefix. Prompts under a chat template or an instruction start with the same tokens (the
+  default model's system turn: 24 of its ~45 prompt tokens), so `_prefill_shared` runs that prefix
+  once (one row per stacked edit) and copies its keys / values to every row; only the rest of each
+  prompt is prefilled per row (`_shared_prefix` decides; the prefill is ~20% of a WILD run on a CPU).
 * Edit stacks. With an `EditStack` as params (`mirage_jax.model.stack`), every prompt says which
   stacked edit answers it (`members`) and rows are laid out member-major.
 
@@ -40,10 +51,11 @@ from absl import flags
 
 from mirage_jax import distributed
 from mirage_jax.model import sharding, stack
+from mirage_jax.model.adapters import has_adapters
 from mirage_jax.model.config import ModelConfig
 from mirage_jax.model.stack import EditStack
-from mirage_jax.model.transformer import KVCache, Params, forward, init_cache, unembed
-from mirage_jax.tokens import bucket
+from mirage_jax.model.transformer import KVCache, Params, forward, init_cache, positions_from_mask, unembed
+from mirage_jax.tokens import bucket, vocab_texts
 
 StopFn = Callable[[str], bool]
 
@@ -125,16 +137,47 @@ def _prefill(params: Params, cfg: ModelConfig, tokens: jax.Array, mask: jax.Arra
     return out.cache, jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), out.routes
 
 
+@functools.partial(jax.jit, static_argnums=(1,))
+def _prefill_shared(params: Params, cfg: ModelConfig, prefix: jax.Array, tokens: jax.Array, mask: jax.Array,
+                    cache: KVCache, prompt_len: jax.Array) -> tuple[KVCache, jax.Array, dict]:
+    """`_prefill` for a batch whose prompts all start with the same tokens: `prefix` ``[K, Pk]`` (that
+    prefix left-padded, one row per stacked edit; K = 1 for plain params) is run once and its keys /
+    values fill cache slots ``[0, Pk)`` of every row of its member, then `tokens` ``[B, Ps]`` (each
+    row's rest, left-padded) at slots ``[Pk, Pk + Ps)``, attending to both. Positions count real
+    tokens only (`positions_from_mask` over the whole prompt), so every token sees what it saw in
+    `_prefill`: the same computation, minus K x the rows' copies of the prefix."""
+    k, pk = prefix.shape
+    out = forward(params, cfg, prefix, attn_mask=mask[::mask.shape[0] // k, :pk],
+                  cache=init_cache(cfg, k, pk, cache.k[0].dtype), return_logits=False)
+    fill = lambda full, part: full.at[:, :pk].set(jnp.repeat(part, full.shape[0] // k, axis=0))  # noqa: E731
+    cache = jax.tree_util.tree_map(fill, cache, out.cache)
+    positions = positions_from_mask(mask[:, :pk + tokens.shape[1]])[:, pk:]
+    out = forward(params, cfg, tokens, attn_mask=mask, positions=positions, cache=cache, cache_index=pk,
+                  prompt_len=prompt_len, return_logits=False)
+    logits = unembed(params, cfg, out.hidden[:, -1:])
+    return out.cache, jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), out.routes
+
+
 def _decode_impl(params: Params, cfg: ModelConfig, cache: KVCache, state: DecodeState, limit: jax.Array,
-                 stop_ids: jax.Array) -> tuple[KVCache, DecodeState]:
-    """Greedy steps from `state.step` until step `limit` or until every row is done.
+                 stop_ids: jax.Array, checks: jax.Array) -> tuple[KVCache, DecodeState]:
+    """Greedy steps from `state.step` until step `limit`, until every row is done, or, after at
+    least one step, until a running row has written a token of `checks` (``[V]`` bool: tokens a text
+    stop can end on) in its last two steps: the host then checks its text (module docstring).
 
     `limit` is traced, not static, so the last (shorter) chunk of a batch reuses the same program.
     """
+    start = state.step
+
+    def check_due(s: DecodeState) -> jax.Array:
+        def hit(col: jax.Array) -> jax.Array:  # [B]: the token in column `col` is one to check
+            tok = jax.lax.dynamic_index_in_dim(s.out, jnp.maximum(col, 0), axis=1, keepdims=False)
+            return (col >= 0) & (tok >= 0) & checks[jnp.clip(tok, 0, checks.shape[0] - 1)]
+
+        return (s.step > start) & jnp.any(~s.done & (hit(s.step - 1) | hit(s.step - 2)))
 
     def cond(carry: tuple[KVCache, DecodeState]) -> jax.Array:
         _, s = carry
-        return (s.step < limit) & ~jnp.all(s.done)
+        return (s.step < limit) & ~jnp.all(s.done) & ~check_due(s)
 
     def body(carry: tuple[KVCache, DecodeState]) -> tuple[KVCache, DecodeState]:
         cache, s = carry
@@ -181,6 +224,20 @@ def _first_stop(tokenizer, ids: list[int], stop_strings: Sequence[str], stop_fn:
     return None
 
 
+def stop_chars_of(stop_strings: Sequence[str]) -> str:
+    """The characters a stop string can end on: the token that completes it holds its last one."""
+    return "".join(s[-1] for s in stop_strings if s)
+
+
+def _check_table(token_texts: Sequence[str], chars: str, vocab_size: int) -> np.ndarray:
+    """``[vocab_size]`` bool: the tokens whose text holds one of `chars` (`_decode_impl`'s early checks;
+    ~17 ms over a 49k vocabulary)."""
+    table = np.zeros(vocab_size, bool)
+    if chars:
+        table[:len(token_texts)] = [any(c in t for c in chars) for t in token_texts[:vocab_size]]
+    return table
+
+
 def encode_prompts(tokenizer, prompts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
     """Tokenise; an empty prompt is an error naming its index (nothing to condition on)."""
     out = []
@@ -206,16 +263,25 @@ def generate_ids(
     batch_size: int = 32,
     chunk: int = 16,
     members: Sequence[int] | None = None,
+    stop_chars: str = "",
+    token_texts: Sequence[str] | None = None,
 ) -> list[Generation]:
     """Greedy-decode every prompt (token ids); results in input order.
 
     `chunk`: decode steps between two host-side stop checks (see the module docstring).
+    `stop_chars`: characters that end a `stop_fn` stop (the last character of each stop string is
+    added by itself); a token holding one brings the next check forward. `token_texts`: every token's
+    text (`Model.token_texts`, decoded once per model), else the vocabulary is decoded here (~0.2 s).
     `members`: with an `EditStack` as params, the stacked edit each prompt is answered by; one
     batch then holds up to `batch_size` prompts of every member (ignored for plain params).
     """
     if max_new_tokens < 1:
         raise GenerationError("max_new_tokens must be >= 1")
     stop_ids = jnp.asarray(cfg.eos_token_ids or (-1,), jnp.int32)
+    chars = stop_chars_of(stop_strings) + stop_chars
+    if chars and token_texts is None:
+        token_texts = vocab_texts(tokenizer, cfg.vocab_size)
+    checks = jnp.asarray(_check_table(token_texts or (), chars, cfg.vocab_size))
     new_bucket = bucket(max_new_tokens, 16)  # one bucket for every batch of this call
     if isinstance(params, EditStack):
         per, rounds = stack.layout(members, params.size, len(prompt_ids), batch_size)
@@ -226,7 +292,7 @@ def generate_ids(
     results: list[Generation | None] = [None] * len(prompt_ids)
     for idx, slots, rows_in_batch in batches:
         gens = _generate_batch(params=params, cfg=cfg, tokenizer=tokenizer, rows=[list(prompt_ids[i]) for i in idx],
-                               max_new=max_new_tokens, new_bucket=new_bucket, stop_ids=stop_ids,
+                               max_new=max_new_tokens, new_bucket=new_bucket, stop_ids=stop_ids, checks=checks,
                                stop_strings=stop_strings, stop_fn=stop_fn, batch_size=batch_size, chunk=chunk,
                                slots=slots, rows_in_batch=rows_in_batch)
         for i, g in zip(idx, gens):
@@ -235,17 +301,50 @@ def generate_ids(
 
 
 def _left_padded(rows: Sequence[Sequence[int]], slots: Sequence[int], *, batch: int, prompt_slots: int,
-                 new_slots: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+                 new_slots: int, pad_id: int, shared: int = 0, shared_slots: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Prompt tokens `[batch, prompt_slots]` right-aligned (every row's next token goes to the same
     slot), row i at batch row `slots[i]`, and the key mask `[batch, prompt_slots + new_slots]` over
-    the whole cache."""
+    the whole cache. With a `shared` prefix (the first tokens of every row) it goes right-aligned in
+    slots ``[0, shared_slots)`` of every row, filler rows included, and each row's rest after it."""
     tokens = np.full((batch, prompt_slots), pad_id, np.int32)
     mask = np.zeros((batch, prompt_slots + new_slots), np.int32)
     mask[:, prompt_slots - 1] = 1  # filler rows: one visible token keeps softmax finite
+    if shared:
+        tokens[:, shared_slots - shared:shared_slots] = rows[0][:shared]
+        mask[:, shared_slots - shared:shared_slots] = 1
     for r, ids in zip(slots, rows):
-        tokens[r, prompt_slots - len(ids):] = ids
-        mask[r, prompt_slots - len(ids):prompt_slots] = 1
+        rest = ids[shared:]
+        tokens[r, prompt_slots - len(rest):] = rest
+        mask[r, prompt_slots - len(rest):prompt_slots] = 1
     return tokens, mask
+
+
+MIN_SHARED_PREFIX = 8  # fewer common tokens are not worth a second prefill program (see `_shared_prefix`)
+
+
+def _shared_prefix(params: Any, cfg: ModelConfig, rows: Sequence[Sequence[int]], batch: int, members: int,
+                   new_slots: int) -> int:
+    """How many leading tokens every prompt of the batch shares and `_prefill_shared` should run once
+    (0: prefill as usual). Worth it when it cuts the prefilled positions (``members`` prefix rows +
+    ``batch`` rests vs ``batch`` whole prompts, each in its bucket) and the prefix has at least
+    `MIN_SHARED_PREFIX` tokens. At least one token of each prompt stays in its rest: the prefill
+    picks the first new token at the last one. Not with MLP adapters (their routing looks at the
+    last prompt token of the call), nor where a sliding window could bind (it counts cache slots,
+    and the padding between a prefix and a shorter rest would widen the gaps)."""
+    lengths = [len(r) for r in rows]
+    common = min(lengths) - 1
+    first = rows[0]
+    for r in rows[1:]:
+        common = next((i for i in range(common) if r[i] != first[i]), common)
+    if common < MIN_SHARED_PREFIX:
+        return 0
+    longest = max(lengths)
+    if members * bucket(common) + batch * bucket(longest - common) >= batch * bucket(longest):
+        return 0
+    if cfg.sliding_window is not None and cfg.sliding_window < bucket(common) + bucket(longest - common) + new_slots:
+        return 0
+    tree = params.params_of(params.leaves) if isinstance(params, EditStack) else params  # structure only
+    return 0 if has_adapters(tree) else common
 
 
 def _text_stops(tokenizer: Any, out: np.ndarray, step: int, stopped: Sequence[int | None],
@@ -279,6 +378,7 @@ def _generate_batch(
     max_new: int,
     new_bucket: int,
     stop_ids: jax.Array,
+    checks: jax.Array,
     stop_strings: Sequence[str],
     stop_fn: StopFn | None,
     batch_size: int,
@@ -298,7 +398,6 @@ def _generate_batch(
         raise GenerationError(
             f"prompt of {longest} tokens + {max_new} new exceeds the model's {cfg.max_position_embeddings} positions"
         )
-    p = bucket(longest)  # prompt bucket: a power of two >= 16
     mesh = sharding.mesh_of(params)
     if rows_in_batch is None:
         b = min(bucket(n, 1), bucket(batch_size, 1))  # batch bucket; a short last batch is not padded to batch_size
@@ -307,9 +406,17 @@ def _generate_batch(
         b = rows_in_batch
     else:
         raise GenerationError("an edit stack runs without a device mesh; evaluate the edits one by one")
+    k = params.size if isinstance(params, EditStack) else 1
+    shared = _shared_prefix(params, cfg, rows, b, k, new_bucket)
+    # prompt buckets (powers of two >= 16): the whole prompt, or the shared prefix + the longest rest
+    pk = bucket(shared) if shared else 0
+    p = pk + bucket(longest - shared)
     slots = list(range(n)) if slots is None else list(slots)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    tokens, mask = _left_padded(rows, slots, batch=b, prompt_slots=p, new_slots=new_bucket, pad_id=pad)
+    tokens, mask = _left_padded(rows, slots, batch=b, prompt_slots=p, new_slots=new_bucket, pad_id=pad,
+                                shared=shared, shared_slots=pk)
+    prefix = np.repeat(tokens[:1, :pk], k, axis=0)  # [K, Pk]; [K, 0] without a shared prefix
+    tokens = tokens[:, pk:]  # what every row prefills itself
     dtype = jax.tree_util.tree_leaves(params)[0].dtype
     cache = init_cache(cfg, b, p + new_bucket, dtype)
     if mesh is not None:  # rows split like the batch axes, the cache also on KV heads; the loop keeps the layout
@@ -317,7 +424,11 @@ def _generate_batch(
         tokens, mask = jax.device_put(tokens, rows_on), jax.device_put(mask, rows_on)
         cache = jax.device_put(cache, sharding.cache_sharding(mesh, cfg, b))
     prompt_len = jnp.asarray(mask[:, :p].sum(-1).astype(np.int32))
-    cache, nxt, routes = _prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(mask), cache, prompt_len)
+    if shared:
+        cache, nxt, routes = _prefill_shared(params, cfg, jnp.asarray(prefix), jnp.asarray(tokens), jnp.asarray(mask),
+                                             cache, prompt_len)
+    else:
+        cache, nxt, routes = _prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(mask), cache, prompt_len)
     state = DecodeState(step=jnp.int32(0), next_token=nxt, out=jnp.full((b, new_bucket), -1, jnp.int32),
                         done=jnp.asarray(~np.isin(np.arange(b), slots)), mask=jnp.asarray(mask),
                         prompt_len=prompt_len, prompt_slots=jnp.int32(p), routes=routes,
@@ -328,7 +439,8 @@ def _generate_batch(
     outs: list[np.ndarray | None] = [None] * n  # per prompt: its generated ids, kept when it is retired
     step = 0
     while step < max_new:
-        cache, state = decode(params, cfg, cache, state, jnp.int32(min(step + chunk, max_new)), stop_ids)
+        cache, state = decode(params, cfg, cache, state, jnp.int32(min(step + chunk, max_new)), stop_ids,
+                               checks)
         # Host side: the only values fetched per chunk are `step`, `done` and, to check text stops, `out`.
         step = int(state.step)
         done = distributed.fetch(state.done).copy()  # rows split across processes are gathered first

@@ -148,7 +148,7 @@ def _evaluate_wild(model, params, reqs, rc, judge, pre) -> list[dict]:
     # edit stack, request i is answered by member i (`members`; ignored for plain params).
     answers = wild.wild_answers(params, model.cfg, model.tokenizer,
                                 [q for *_, q in scored] + [q for _, q in locs], rc.wild,
-                                members=[i for i, *_ in scored] + [i for i, _ in locs])
+                                members=[i for i, *_ in scored] + [i for i, _ in locs], token_texts=model.token_texts)
     out = [dict() for _ in reqs]
     for (i, key, _), a in zip(scored, answers):
         out[i].update({f"{key}_gen_content": a.answer, f"{key}_raw": a.raw})

@@ -31,7 +31,7 @@ from mirage_jax.editing.memit import MEMITConfig, memit_edit
 from mirage_jax.editing.mend import MENDConfig, mend_edit
 from mirage_jax.editing.rome import ROMEConfig, rome_edit
 from mirage_jax.editing.stats import compute_key_stats, corpus_from_texts
-from mirage_jax.generate import generate_ids
+from mirage_jax.generate import _prefill_shared, generate_ids
 from mirage_jax.model import load_model
 from mirage_jax.model import sharding as S
 from tiny import save_tiny
@@ -39,6 +39,7 @@ from tiny import save_tiny
 REQS = [EditRequest(i, f"t{20 + 2 * i} t{21 + 2 * i} t5", f"t{21 + 2 * i}", f"t{60 + i}", None, None,
                     (LocalityPair("t90 t91", "t92"),), None) for i in range(2)]
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12], [30, 31], [40, 41, 42, 43]]
+SHARED = [list(range(100, 114)) + p for p in PROMPTS]  # a common prefix: prefilled once, copied to every row
 TEXTS = [" ".join(f"t{i}" for i in np.random.default_rng(s).integers(2, 128, size=30)) for s in range(24)]
 
 
@@ -71,7 +72,8 @@ def main(out: str, meshes: list[str]) -> None:
     ids = np.array([[5, 6, 7, 8, 9, 10, 11, 12]] * 8, np.int32)
     corpus = corpus_from_texts("rand", TEXTS)
     ref_logits = np.asarray(ref.forward(ids).logits)
-    ref_gen = [g.ids for g in generate_ids(ref.params, ref.cfg, ref.tokenizer, PROMPTS, max_new_tokens=12)]
+    ref_gen = [[g.ids for g in generate_ids(ref.params, ref.cfg, ref.tokenizer, p, max_new_tokens=12)]
+               for p in (PROMPTS, SHARED)]
     ref_stats = compute_key_stats(ref, (0, 1), corpus, n_samples=24, cache_dir=None, progress=False)
     ref_edits = _edits(ref, ref_stats)
     # How far float rounding alone moves each edit: the same edits on ONE device with every parameter
@@ -80,13 +82,14 @@ def main(out: str, meshes: list[str]) -> None:
     rng = np.random.default_rng(0)
     noisy = ref.with_params(jax.tree.map(lambda a: a * (1 + 1e-7 * rng.standard_normal(a.shape)).astype(a.dtype),
                                          ref.params))
-    results: dict = {"devices": len(jax.devices()),
+    results: dict = {"devices": len(jax.devices()), "shared_prefill": _prefill_shared._cache_size(),
                      "rounding": {k: _max_diff(v, ref_edits[k]) for k, v in _edits(noisy, ref_stats).items()}}
     for spec in meshes:
         mesh = S.make_mesh(spec)
         model = load_model(ckpt, mesh=mesh)
         specs = {S.leaf_name(p): str(x.sharding.spec) for p, x in jax.tree_util.tree_leaves_with_path(model.params)}
-        gen = [g.ids for g in generate_ids(model.params, model.cfg, model.tokenizer, PROMPTS, max_new_tokens=12)]
+        gen = [[g.ids for g in generate_ids(model.params, model.cfg, model.tokenizer, p, max_new_tokens=12)]
+               for p in (PROMPTS, SHARED)]
         stats = compute_key_stats(model, (0, 1), corpus, n_samples=24, cache_dir=None, progress=False)
         results[spec] = {
             "loaded_equal": _max_diff(model.params, ref.params) == 0.0,

@@ -140,3 +140,67 @@ def test_compaction_never_makes_a_batch_smaller_than_the_floor():
     plan = gen._compaction(done, 4)
     assert plan.rows.size == floor and list(plan.members) == [0, 1]
     assert [int(r) for r, d in zip(plan.rows, plan.done) if not d] == [1, 17]
+
+
+def _counting(monkeypatch, name: str) -> list:
+    """Calls of the module function `name` of `gen`, recorded (their results) while it still runs."""
+    calls, fn = [], getattr(gen, name)
+    monkeypatch.setattr(gen, name, lambda *a: calls.append(fn(*a)) or calls[-1])
+    return calls
+
+
+def test_a_shared_prefix_is_prefilled_once_and_changes_no_generation(tiny, monkeypatch):
+    """Prompts with 12 common tokens and rests of 1-9 tokens: the prefix is prefilled once, its keys /
+    values copied to every row, and every generation equals the one of the ordinary prefill (which
+    matches HF's). Planted bugs caught: positions counted from the rest's slots only, the prefix KV
+    copied from the wrong member row (`repeat` -> `tile` over rows), the rest prefilled at slot 0."""
+    _, cfg, params, tok = tiny
+    rng = np.random.default_rng(5)
+    prefix = [int(t) for t in rng.integers(2, 128, size=12)]
+    rows = [prefix + [int(t) for t in rng.integers(2, 128, size=n)] for n in (3, 9, 1, 5, 7)]
+    shared = _counting(monkeypatch, "_prefill_shared")
+    got = gen.generate_ids(params, cfg, tok, rows, max_new_tokens=MAX_NEW, batch_size=8, chunk=5)
+    assert len(shared) == 1  # one batch: 1 x 16 prefix slots + 8 x 16 rest slots < 8 x 32 whole prompts
+    monkeypatch.setattr(gen, "_shared_prefix", lambda *a: 0)
+    want = gen.generate_ids(params, cfg, tok, rows, max_new_tokens=MAX_NEW, batch_size=8, chunk=5)
+    assert got == want
+    assert len({g.ids for g in want}) >= 3  # the premise: the rests lead to different answers
+
+
+def test_when_a_prefix_is_shared():
+    """`_shared_prefix`: the common tokens, one left to each prompt, when that prefills fewer slots."""
+    cfg = gen.ModelConfig(model_type="llama", vocab_size=64, hidden_size=8, intermediate_size=8, num_layers=1,
+                          num_heads=1, num_kv_heads=1, head_dim=8, max_position_embeddings=512)
+    params = {"layers": [{"mlp": {}}]}
+    head = list(range(2, 26))  # 24 common tokens, like the default model's system turn
+    rows = [head + [30 + i] * (i + 4) for i in range(7)]
+    assert gen._shared_prefix(params, cfg, rows, 8, 1, 64) == 24
+    assert gen._shared_prefix(params, cfg, [head[:9] + [40], head[:9] + [41, 42]], 2, 1, 64) == 0  # 9 -> 16+16 slots
+    assert gen._shared_prefix(params, cfg, [r[:7] + [50] for r in rows], 8, 1, 64) == 0  # 7 < MIN_SHARED_PREFIX
+    assert gen._shared_prefix(params, cfg, [head, head + [7, 8], head + [9]], 4, 1, 64) == 23  # each keeps a token
+    assert gen._shared_prefix(params, cfg, rows[:1], 1, 1, 64) == 0  # one prompt: 32 + 16 slots > 32
+    assert gen._shared_prefix(params, cfg.replace(sliding_window=64), rows, 8, 1, 64) == 0  # the window could bind
+    assert gen._shared_prefix(params, cfg.replace(sliding_window=160), rows, 8, 1, 64) == 24  # it never binds
+    adapted = {"layers": [{"mlp": {"grace": {}}}]}
+    assert gen._shared_prefix(adapted, cfg, rows, 8, 1, 64) == 0
+
+
+def test_a_stop_character_brings_the_host_check_forward(tiny, monkeypatch):
+    """With `stop_chars`, the loop leaves its chunk within two steps of a token that holds one, so a
+    lone row ends right after its stop instead of at the end of a 16-step chunk; the generations are
+    the same with any table, even one that sends every step to the host. Planted bugs caught: the
+    exit test reading the row's token one step late (`step - 1` -> `step - 3`), no exit at all."""
+    _, cfg, params, tok = tiny
+    [full] = gen.generate_ids(params, cfg, tok, [[5, 6, 7]], max_new_tokens=30, chunk=16)
+    texts = [tok.decode([t]) for t in full.ids]
+    char = next(c for c in "0123456789" if any(c in t for t in texts[2:]))  # a digit that turns up late
+    first = next(i for i, t in enumerate(texts) if char in t)
+    kw = dict(max_new_tokens=30, chunk=16, stop_fn=lambda text: char in text)
+    exits = _counting(monkeypatch, "_decode")
+    want = gen.generate_ids(params, cfg, tok, [[5, 6, 7]], **kw)
+    assert want[0].ids == full.ids[:first + 1] and int(exits[-1][1].step) == 16 * (first // 16 + 1)
+    exits.clear()
+    got = gen.generate_ids(params, cfg, tok, [[5, 6, 7]], stop_chars=char, **kw)
+    assert got == want and int(exits[-1][1].step) == first + 1, [int(s.step) for _, s in exits]
+    assert gen.generate_ids(params, cfg, tok, [[5, 6, 7]], stop_chars="t", **kw) == want  # every token checked
+    assert gen.stop_chars_of(["ab", ".", ""]) == "b."

@@ -87,8 +87,9 @@ def test_memory_at_full_size_70b_fits_v5e16_and_7b_fits_a_v5e_chip():
 
 
 def test_sharded_equals_unsharded_on_8_cpu_devices(tmp_path):
-    """Loading into shards, forward, greedy generation, key statistics and FT-M / ROME / MEMIT / MEND
-    edits on meshes data:8, fsdp:8 and data:2,tensor:4 vs one device (tests/mesh_worker.py).
+    """Loading into shards, forward, greedy generation (with and without a shared prompt prefix), key
+    statistics and FT-M / ROME / MEMIT / MEND edits on meshes data:8, fsdp:8 and data:2,tensor:4 vs one
+    device (tests/mesh_worker.py).
 
     Edited leaves agree within 1e-5, or within 10x what 1e-7 relative parameter noise does to the
     same edit on one device (MEMIT with λ = 1 amplifies rounding; measured in the worker).
@@ -100,7 +101,7 @@ def test_sharded_equals_unsharded_on_8_cpu_devices(tmp_path):
                            "data:2,tensor:4"], env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
-    assert res["devices"] == 8
+    assert res["devices"] == 8 and res["shared_prefill"] >= 1  # SHARED's prefix was prefilled once
     for spec in ("data:8", "fsdp:8", "data:2,tensor:4"):
         r = res[spec]
         assert r["loaded_equal"], spec

@@ -38,12 +38,12 @@ def tiny(tmp_path_factory):
     return load_model(save_tiny("llama", tmp_path_factory.mktemp("stack") / "ckpt", seed=7, attn_gain=4.0))
 
 
-def _rank_one(model, seed: int, scale: float = 0.3):
-    """A ROME-shaped edit: the down kernel of LAYER plus a random rank-one term (moves generations)."""
-    k = np.asarray(model.params["layers"][LAYER]["mlp"]["down"]["kernel"])
+def _rank_one(model, seed: int, scale: float = 0.3, layer: int = LAYER):
+    """A ROME-shaped edit: the down kernel of `layer` plus a random rank-one term (moves generations)."""
+    k = np.asarray(model.params["layers"][layer]["mlp"]["down"]["kernel"])
     rng = np.random.default_rng(seed)
     u, v = rng.standard_normal(k.shape[0]), rng.standard_normal(k.shape[1])
-    return replace_down_kernels(model.params, {LAYER: jnp.asarray(k + scale * np.outer(u, v), k.dtype)})
+    return replace_down_kernels(model.params, {layer: jnp.asarray(k + scale * np.outer(u, v), k.dtype)})
 
 
 def _wise(model, seed: int, ratio: float):
@@ -108,6 +108,27 @@ def test_generation_of_a_stack_is_each_members_generation(tiny, kind, monkeypatc
         assert [got[i] for i in mine] == want, m
     alone = gen.generate_ids(members[2], tiny.cfg, tiny.tokenizer, [prompts[0]], **kw)
     assert alone[0].ids != got[0].ids  # the premise: another member answers the same prompt otherwise
+
+
+def test_a_stack_prefills_a_shared_prompt_prefix_once_per_member(tiny, monkeypatch):
+    """Prompts that start with the same 14 tokens: the prefix is prefilled once per member (an edit
+    of layer 0 changes its keys / values above it), each member's rows get their own, and every
+    generation equals the member's alone. Planted bug caught: the prefix rows handed out `tile`-wise
+    (member k's rows given member k mod K's prefix) instead of `repeat`-wise."""
+    members = [_rank_one(tiny, s, scale=1.0, layer=0) for s in range(4)]
+    st = stack.build(tiny.params, members)
+    head = " ".join(f"t{i}" for i in range(70, 84))  # 14 + up to 4 tokens: 4 x 16 + 8 x 16 < 8 x 32 slots
+    prompts = _ids(tiny, [f"{head} {t}" for t in TEXTS])
+    owner = [0, 1, 2, 3, 0, 1, 2]
+    shared, fn = [], gen._prefill_shared
+    monkeypatch.setattr(gen, "_prefill_shared", lambda *a: shared.append(a[2].shape) or fn(*a))
+    kw = dict(max_new_tokens=12, batch_size=2)
+    got = gen.generate_ids(st, tiny.cfg, tiny.tokenizer, prompts, members=owner, **kw)
+    assert shared and shared[0][0] == 4, shared  # one prefix row per member
+    for m, params in enumerate(members):
+        mine = [i for i, o in enumerate(owner) if o == m]
+        assert [got[i] for i in mine] == gen.generate_ids(params, tiny.cfg, tiny.tokenizer,
+                                                          [prompts[i] for i in mine], **kw), m
 
 
 def test_synthetic_scores_of_a_stack_are_each_members(tiny):

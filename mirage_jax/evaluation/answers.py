@@ -98,6 +98,12 @@ class StopRule:
         if any(not s for s in self.eos_strings):
             raise ValueError("eos_strings must not contain empty strings")
 
+    @property
+    def stop_chars(self) -> str:
+        """The characters an answer can end on ('.', '\\n', an EOS string's last): the generation loop
+        checks the text early when a token holds one (`generate_ids`' `stop_chars`)."""
+        return ".\n" + "".join(s[-1] for s in self.eos_strings)
+
     @classmethod
     def seed(cls, eos_strings: tuple[str, ...] = ()) -> StopRule:
         """The paper: stop at the first '.', '\\n' or EOS; strip one of each at the end."""

@@ -38,17 +38,19 @@ def stop_rule_for(tokenizer: Any, cfg: ModelConfig, kind: str) -> StopRule:
 
 
 def wild_answers(params: Any, cfg: ModelConfig, tokenizer: Any, questions: Sequence[str],
-                 wc: WildConfig, members: Sequence[int] | None = None) -> list[WildAnswer]:
+                 wc: WildConfig, members: Sequence[int] | None = None,
+                 token_texts: Sequence[str] | None = None) -> list[WildAnswer]:
     """Greedy, stopped answers to raw questions under the chosen context type (`members`: with an
-    `EditStack` as params, the stacked edit that answers each question)."""
+    `EditStack` as params, the stacked edit that answers each question; `token_texts`: the model's
+    decoded vocabulary, `Model.token_texts`, so that it is not decoded again per call)."""
     if not questions:
         return []
     rule = stop_rule_for(tokenizer, cfg, wc.stop_rule)
     wrapped = [wrap_context(q, wc.context_type, tokenizer) for q in questions]
     ids = [tokenizer(w.text, add_special_tokens=w.add_special_tokens)["input_ids"] for w in wrapped]
     gens = generate_ids(params, cfg, tokenizer, ids, max_new_tokens=wc.max_new_tokens,
-                        stop_fn=lambda text: find_stop(text, rule) is not None, batch_size=wc.batch_size,
-                        members=members)
+                        stop_fn=lambda text: find_stop(text, rule) is not None, stop_chars=rule.stop_chars,
+                        token_texts=token_texts, batch_size=wc.batch_size, members=members)
     return [WildAnswer(g.ids, g.raw_text, clean_answer(g.raw_text, rule)) for g in gens]
 
 

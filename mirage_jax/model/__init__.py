@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from mirage_jax.model.checkpoint import (
 from mirage_jax.model.config import ConfigError, ModelConfig, config_from_hf
 from mirage_jax.model.sharding import placement
 from mirage_jax.model.transformer import ForwardOutput, KVCache, forward, init_cache, unembed
+from mirage_jax.tokens import vocab_texts
 
 DEFAULT_MODEL = "default"
 # Tokens that end an assistant turn in the chat templates of the supported families.
@@ -37,6 +39,12 @@ class Model:
     tokenizer: Any
     hf_config: dict
     name: str
+
+    @functools.cached_property
+    def token_texts(self) -> list[str]:
+        """Every token's text, decoded once per model: the generation loop looks up which tokens hold
+        a stop character (`generate.generate_ids`' `token_texts`)."""
+        return vocab_texts(self.tokenizer, self.cfg.vocab_size)
 
     def with_params(self, params: Any) -> Model:
         return dataclasses.replace(self, params=params)
