@@ -28,9 +28,10 @@ Why it is built this way:
   at the 50-token budget), and a finished row still costs a forward per step. Once at most half
   the batch runs, the host gathers the running rows into the next smaller bucket (`_compaction`).
 * Shared prefix. Prompts under a chat template or an instruction start with the same tokens (the
-  default model's system turn: 24 of its ~45 prompt tokens), so `_prefill_shared` runs that prefix
-  once (one row per stacked edit) and copies its keys / values to every row; only the rest of each
-  prompt is prefilled per row (`_shared_prefix` decides; the prefill is ~20% of a WILD run on a CPU).
+  default model's system turn: 24 of its ~45 prompt tokens), so `_prefix_cache` runs that prefix
+  once (one row per stacked edit) and `_prefill` copies its keys / values to every row and prefills
+  only the rest of each prompt (`_shared_prefix` decides; the prefill is ~20% of a WILD run on a CPU).
+  The prompt keeps its slot count, so the decode programs are the same as without.
 * Edit stacks. With an `EditStack` as params (`mirage_jax.model.stack`), every prompt says which
   stacked edit answers it (`members`) and rows are laid out member-major.
 
@@ -125,37 +126,42 @@ def _redo_switched(params: Params, cfg: ModelConfig, cache: KVCache, s: DecodeSt
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
-def _prefill(params: Params, cfg: ModelConfig, tokens: jax.Array, mask: jax.Array,
-             cache: KVCache, prompt_len: jax.Array) -> tuple[KVCache, jax.Array, dict]:
-    """The whole left-padded prompt batch in one forward: the filled cache, each row's first new token
-    and the adapters' routes (empty without adapters). Logits at the last position only: over every
+def _prefill(params: Params, cfg: ModelConfig, tokens: jax.Array, mask: jax.Array, cache: KVCache,
+             prompt_len: jax.Array, prefix: KVCache | None = None) -> tuple[KVCache, jax.Array, dict]:
+    """The left-padded prompt batch in one forward: the filled cache, each row's first new token and
+    the adapters' routes (empty without adapters). Logits at the last position only: over every
     prompt position the LM head would cost more than the whole stack (49k x 576 on the default model)
-    and its [B, P, V] float32 output would not fit in cache."""
-    out = forward(params, cfg, tokens, attn_mask=mask, cache=cache, cache_index=0, prompt_len=prompt_len,
-                  return_logits=False)
+    and its [B, P, V] float32 output would not fit in cache.
+
+    `prefix`: the keys / values ``[K, Pk]`` of a prefix every prompt shares (`_prefix_cache`, one row
+    per stacked edit): they fill slots ``[0, Pk)`` of every row of their member, and `tokens` are then
+    each row's rest, prefilled at slots ``[Pk, P)`` with positions counted over real tokens only --
+    so every token sees what it would have seen with the whole prompt in `tokens`."""
+    pk = 0
+    positions = None
+    if prefix is not None:
+        k, pk = prefix.k[0].shape[:2]
+        fill = lambda full, part: full.at[:, :pk].set(jnp.repeat(part, full.shape[0] // k, axis=0))  # noqa: E731
+        cache = jax.tree_util.tree_map(fill, cache, prefix)
+        positions = positions_from_mask(mask[:, :pk + tokens.shape[1]])[:, pk:]
+    out = forward(params, cfg, tokens, attn_mask=mask, positions=positions, cache=cache, cache_index=pk,
+                  prompt_len=prompt_len, return_logits=False)
     logits = unembed(params, cfg, out.hidden[:, -1:])
     return out.cache, jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), out.routes
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
-def _prefill_shared(params: Params, cfg: ModelConfig, prefix: jax.Array, tokens: jax.Array, mask: jax.Array,
-                    cache: KVCache, prompt_len: jax.Array) -> tuple[KVCache, jax.Array, dict]:
-    """`_prefill` for a batch whose prompts all start with the same tokens: `prefix` ``[K, Pk]`` (that
-    prefix left-padded, one row per stacked edit; K = 1 for plain params) is run once and its keys /
-    values fill cache slots ``[0, Pk)`` of every row of its member, then `tokens` ``[B, Ps]`` (each
-    row's rest, left-padded) at slots ``[Pk, Pk + Ps)``, attending to both. Positions count real
-    tokens only (`positions_from_mask` over the whole prompt), so every token sees what it saw in
-    `_prefill`: the same computation, minus K x the rows' copies of the prefix."""
+def _prefix_cache(params: Params, cfg: ModelConfig, prefix: jax.Array, mask: jax.Array) -> KVCache:
+    """Keys / values of a shared prompt prefix ``[K, Pk]`` (left-padded; `mask` its real slots), for
+    `_prefill`: its own small program, one per prefix bucket, so that the prefill keeps its shapes."""
     k, pk = prefix.shape
-    out = forward(params, cfg, prefix, attn_mask=mask[::mask.shape[0] // k, :pk],
-                  cache=init_cache(cfg, k, pk, cache.k[0].dtype), return_logits=False)
-    fill = lambda full, part: full.at[:, :pk].set(jnp.repeat(part, full.shape[0] // k, axis=0))  # noqa: E731
-    cache = jax.tree_util.tree_map(fill, cache, out.cache)
-    positions = positions_from_mask(mask[:, :pk + tokens.shape[1]])[:, pk:]
-    out = forward(params, cfg, tokens, attn_mask=mask, positions=positions, cache=cache, cache_index=pk,
-                  prompt_len=prompt_len, return_logits=False)
-    logits = unembed(params, cfg, out.hidden[:, -1:])
-    return out.cache, jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), out.routes
+    return forward(params, cfg, prefix, attn_mask=mask, cache=init_cache(cfg, k, pk, params_dtype(params)),
+                   return_logits=False).cache
+
+
+def params_dtype(params: Any) -> Any:
+    """The dtype of the model's arrays (the KV cache's)."""
+    return jax.tree_util.tree_leaves(params)[0].dtype
 
 
 def _decode_impl(params: Params, cfg: ModelConfig, cache: KVCache, state: DecodeState, limit: jax.Array,
@@ -324,7 +330,7 @@ MIN_SHARED_PREFIX = 8  # fewer common tokens are not worth a second prefill prog
 
 def _shared_prefix(params: Any, cfg: ModelConfig, rows: Sequence[Sequence[int]], batch: int, members: int,
                    new_slots: int) -> int:
-    """How many leading tokens every prompt of the batch shares and `_prefill_shared` should run once
+    """How many leading tokens every prompt of the batch shares and `_prefix_cache` should run once
     (0: prefill as usual). Worth it when it cuts the prefilled positions (``members`` prefix rows +
     ``batch`` rests vs ``batch`` whole prompts, each in its bucket) and the prefix has at least
     `MIN_SHARED_PREFIX` tokens. At least one token of each prompt stays in its rest: the prefill
@@ -339,9 +345,10 @@ def _shared_prefix(params: Any, cfg: ModelConfig, rows: Sequence[Sequence[int]],
     if common < MIN_SHARED_PREFIX:
         return 0
     longest = max(lengths)
-    if members * bucket(common) + batch * bucket(longest - common) >= batch * bucket(longest):
+    prompt_slots = bucket(bucket(common) + longest - common)  # `_generate_batch`'s layout
+    if members * bucket(common) + batch * (prompt_slots - bucket(common)) >= batch * bucket(longest):
         return 0
-    if cfg.sliding_window is not None and cfg.sliding_window < bucket(common) + bucket(longest - common) + new_slots:
+    if cfg.sliding_window is not None and cfg.sliding_window < prompt_slots + new_slots:
         return 0
     tree = params.params_of(params.leaves) if isinstance(params, EditStack) else params  # structure only
     return 0 if has_adapters(tree) else common
@@ -408,27 +415,23 @@ def _generate_batch(
         raise GenerationError("an edit stack runs without a device mesh; evaluate the edits one by one")
     k = params.size if isinstance(params, EditStack) else 1
     shared = _shared_prefix(params, cfg, rows, b, k, new_bucket)
-    # prompt buckets (powers of two >= 16): the whole prompt, or the shared prefix + the longest rest
+    # prompt slots: a power of two >= 16 (the prefill and decode programs are those of unshared prompts)
     pk = bucket(shared) if shared else 0
-    p = pk + bucket(longest - shared)
+    p = bucket(pk + longest - shared)
     slots = list(range(n)) if slots is None else list(slots)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     tokens, mask = _left_padded(rows, slots, batch=b, prompt_slots=p, new_slots=new_bucket, pad_id=pad,
                                 shared=shared, shared_slots=pk)
-    prefix = np.repeat(tokens[:1, :pk], k, axis=0)  # [K, Pk]; [K, 0] without a shared prefix
-    tokens = tokens[:, pk:]  # what every row prefills itself
-    dtype = jax.tree_util.tree_leaves(params)[0].dtype
-    cache = init_cache(cfg, b, p + new_bucket, dtype)
+    # the shared prefix [K, Pk] and its mask ([K, 0] without one), and what every row prefills itself
+    prefix, prefix_mask, tokens = np.repeat(tokens[:1, :pk], k, 0), np.repeat(mask[:1, :pk], k, 0), tokens[:, pk:]
+    cache = init_cache(cfg, b, p + new_bucket, params_dtype(params))
     if mesh is not None:  # rows split like the batch axes, the cache also on KV heads; the loop keeps the layout
         rows_on = sharding.batch_sharding(mesh, 2, b)
         tokens, mask = jax.device_put(tokens, rows_on), jax.device_put(mask, rows_on)
         cache = jax.device_put(cache, sharding.cache_sharding(mesh, cfg, b))
     prompt_len = jnp.asarray(mask[:, :p].sum(-1).astype(np.int32))
-    if shared:
-        cache, nxt, routes = _prefill_shared(params, cfg, jnp.asarray(prefix), jnp.asarray(tokens), jnp.asarray(mask),
-                                             cache, prompt_len)
-    else:
-        cache, nxt, routes = _prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(mask), cache, prompt_len)
+    prefix_kv = _prefix_cache(params, cfg, jnp.asarray(prefix), jnp.asarray(prefix_mask)) if shared else None
+    cache, nxt, routes = _prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(mask), cache, prompt_len, prefix_kv)
     state = DecodeState(step=jnp.int32(0), next_token=nxt, out=jnp.full((b, new_bucket), -1, jnp.int32),
                         done=jnp.asarray(~np.isin(np.arange(b), slots)), mask=jnp.asarray(mask),
                         prompt_len=prompt_len, prompt_slots=jnp.int32(p), routes=routes,

@@ -31,7 +31,7 @@ from mirage_jax.editing.memit import MEMITConfig, memit_edit
 from mirage_jax.editing.mend import MENDConfig, mend_edit
 from mirage_jax.editing.rome import ROMEConfig, rome_edit
 from mirage_jax.editing.stats import compute_key_stats, corpus_from_texts
-from mirage_jax.generate import _prefill_shared, generate_ids
+from mirage_jax.generate import _prefix_cache, generate_ids
 from mirage_jax.model import load_model
 from mirage_jax.model import sharding as S
 from tiny import save_tiny
@@ -82,7 +82,7 @@ def main(out: str, meshes: list[str]) -> None:
     rng = np.random.default_rng(0)
     noisy = ref.with_params(jax.tree.map(lambda a: a * (1 + 1e-7 * rng.standard_normal(a.shape)).astype(a.dtype),
                                          ref.params))
-    results: dict = {"devices": len(jax.devices()), "shared_prefill": _prefill_shared._cache_size(),
+    results: dict = {"devices": len(jax.devices()), "shared_prefill": _prefix_cache._cache_size(),
                      "rounding": {k: _max_diff(v, ref_edits[k]) for k, v in _edits(noisy, ref_stats).items()}}
     for spec in meshes:
         mesh = S.make_mesh(spec)

@@ -158,7 +158,7 @@ def test_a_shared_prefix_is_prefilled_once_and_changes_no_generation(tiny, monke
     rng = np.random.default_rng(5)
     prefix = [int(t) for t in rng.integers(2, 128, size=12)]
     rows = [prefix + [int(t) for t in rng.integers(2, 128, size=n)] for n in (3, 9, 1, 5, 7)]
-    shared = _counting(monkeypatch, "_prefill_shared")
+    shared = _counting(monkeypatch, "_prefix_cache")
     got = gen.generate_ids(params, cfg, tok, rows, max_new_tokens=MAX_NEW, batch_size=8, chunk=5)
     assert len(shared) == 1  # one batch: 1 x 16 prefix slots + 8 x 16 rest slots < 8 x 32 whole prompts
     monkeypatch.setattr(gen, "_shared_prefix", lambda *a: 0)
@@ -168,7 +168,8 @@ def test_a_shared_prefix_is_prefilled_once_and_changes_no_generation(tiny, monke
 
 
 def test_when_a_prefix_is_shared():
-    """`_shared_prefix`: the common tokens, one left to each prompt, when that prefills fewer slots."""
+    """`_shared_prefix`: the common tokens, one left to each prompt, when that prefills fewer slots (the
+    prompt keeps a power-of-two slot count: prefix bucket + rest slots)."""
     cfg = gen.ModelConfig(model_type="llama", vocab_size=64, hidden_size=8, intermediate_size=8, num_layers=1,
                           num_heads=1, num_kv_heads=1, head_dim=8, max_position_embeddings=512)
     params = {"layers": [{"mlp": {}}]}
@@ -177,8 +178,8 @@ def test_when_a_prefix_is_shared():
     assert gen._shared_prefix(params, cfg, rows, 8, 1, 64) == 24
     assert gen._shared_prefix(params, cfg, [head[:9] + [40], head[:9] + [41, 42]], 2, 1, 64) == 0  # 9 -> 16+16 slots
     assert gen._shared_prefix(params, cfg, [r[:7] + [50] for r in rows], 8, 1, 64) == 0  # 7 < MIN_SHARED_PREFIX
-    assert gen._shared_prefix(params, cfg, [head, head + [7, 8], head + [9]], 4, 1, 64) == 23  # each keeps a token
-    assert gen._shared_prefix(params, cfg, rows[:1], 1, 1, 64) == 0  # one prompt: 32 + 16 slots > 32
+    assert gen._shared_prefix(params, cfg, [head[:17], head[:17] + [7, 8], head[:17] + [9]], 4, 1, 64) == 16  # 1 left
+    assert gen._shared_prefix(params, cfg, rows[:1], 1, 1, 64) == 0  # one prompt: 32 + 32 slots > 32
     assert gen._shared_prefix(params, cfg.replace(sliding_window=64), rows, 8, 1, 64) == 0  # the window could bind
     assert gen._shared_prefix(params, cfg.replace(sliding_window=160), rows, 8, 1, 64) == 24  # it never binds
     adapted = {"layers": [{"mlp": {"grace": {}}}]}

@@ -120,8 +120,8 @@ def test_a_stack_prefills_a_shared_prompt_prefix_once_per_member(tiny, monkeypat
     head = " ".join(f"t{i}" for i in range(70, 84))  # 14 + up to 4 tokens: 4 x 16 + 8 x 16 < 8 x 32 slots
     prompts = _ids(tiny, [f"{head} {t}" for t in TEXTS])
     owner = [0, 1, 2, 3, 0, 1, 2]
-    shared, fn = [], gen._prefill_shared
-    monkeypatch.setattr(gen, "_prefill_shared", lambda *a: shared.append(a[2].shape) or fn(*a))
+    shared, fn = [], gen._prefix_cache
+    monkeypatch.setattr(gen, "_prefix_cache", lambda *a: shared.append(a[2].shape) or fn(*a))
     kw = dict(max_new_tokens=12, batch_size=2)
     got = gen.generate_ids(st, tiny.cfg, tiny.tokenizer, prompts, members=owner, **kw)
     assert shared and shared[0][0] == 4, shared  # one prefix row per member
