@@ -55,7 +55,15 @@ from mirage_jax.model import sharding, stack
 from mirage_jax.model.adapters import has_adapters
 from mirage_jax.model.config import ModelConfig
 from mirage_jax.model.stack import EditStack
-from mirage_jax.model.transformer import KVCache, Params, forward, init_cache, positions_from_mask, unembed
+from mirage_jax.model.transformer import (
+    KVCache,
+    Params,
+    forward,
+    init_cache,
+    params_dtype,
+    positions_from_mask,
+    unembed,
+)
 from mirage_jax.tokens import bucket, vocab_texts
 
 StopFn = Callable[[str], bool]
@@ -157,11 +165,6 @@ def _prefix_cache(params: Params, cfg: ModelConfig, prefix: jax.Array, mask: jax
     k, pk = prefix.shape
     return forward(params, cfg, prefix, attn_mask=mask, cache=init_cache(cfg, k, pk, params_dtype(params)),
                    return_logits=False).cache
-
-
-def params_dtype(params: Any) -> Any:
-    """The dtype of the model's arrays (the KV cache's)."""
-    return jax.tree_util.tree_leaves(params)[0].dtype
 
 
 def _decode_impl(params: Params, cfg: ModelConfig, cache: KVCache, state: DecodeState, limit: jax.Array,

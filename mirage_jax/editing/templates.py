@@ -24,7 +24,7 @@ import numpy as np
 
 from mirage_jax import distributed
 from mirage_jax.model.config import ModelConfig
-from mirage_jax.model.transformer import forward, init_cache
+from mirage_jax.model.transformer import forward, init_cache, params_dtype
 from mirage_jax.tokens import bucket
 
 SEED_WORDS = ("The", "Therefore", "Because", "I", "You")
@@ -35,8 +35,7 @@ DEFAULT_LENGTH_PARAMS = ((5, 10), (10, 10))
 def _sample_top_k(params, cfg: ModelConfig, tokens, mask, key, max_new: int):
     """Top-k sampling of `max_new` tokens after left-padded prompts; returns [B, max_new] ids."""
     b, p = tokens.shape
-    dtype = jax.tree_util.tree_leaves(params)[0].dtype
-    cache = init_cache(cfg, b, p + max_new, dtype)
+    cache = init_cache(cfg, b, p + max_new, params_dtype(params))
     out = forward(params, cfg, tokens, attn_mask=mask, cache=cache, cache_index=0)
     prompt_len = mask[:, :p].sum(-1)
 

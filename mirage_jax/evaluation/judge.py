@@ -45,7 +45,7 @@ import numpy as np
 
 from mirage_jax import distributed, io
 from mirage_jax.evaluation.answers import contains_answer, exact_match
-from mirage_jax.model.transformer import KVCache, forward, init_cache, unembed
+from mirage_jax.model.transformer import KVCache, forward, init_cache, params_dtype, unembed
 from mirage_jax.tokens import bucket
 
 log = logging.getLogger(__name__)
@@ -352,8 +352,7 @@ def _retry_after_s(response) -> float | None:
 @functools.partial(jax.jit, static_argnums=(1,))
 def _prefix_cache(params: Any, cfg: Any, tokens: jax.Array) -> KVCache:
     """Keys/values `[1, L, ...]` of the rubric's shared opening, computed once per judge."""
-    dtype = jax.tree_util.tree_leaves(params)[0].dtype
-    cache = init_cache(cfg, 1, tokens.shape[1], dtype)
+    cache = init_cache(cfg, 1, tokens.shape[1], params_dtype(params))
     return forward(params, cfg, tokens, cache=cache, cache_index=0, return_logits=False).cache
 
 

@@ -26,6 +26,7 @@ import numpy as np
 from mirage_jax import distributed
 from mirage_jax.model import sharding
 from mirage_jax.model.config import ModelConfig, config_from_hf
+from mirage_jax.model.transformer import params_dtype
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -352,7 +353,7 @@ def save_hf_checkpoint(
     from safetensors.numpy import save_file
 
     out = Path(out_dir)
-    dtype = str(jax.tree_util.tree_leaves(params)[0].dtype)
+    dtype = str(params_dtype(params))
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for name, arr in params_to_hf(cfg, params):

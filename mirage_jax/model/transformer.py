@@ -67,6 +67,11 @@ class ForwardOutput(NamedTuple):
     routes: dict | None = None  # {layer: adapter decisions}, empty without adapters (see `forward`)
 
 
+def params_dtype(params: Any) -> Any:
+    """The dtype of a parameter tree's arrays: the KV cache's and an exported checkpoint's."""
+    return jax.tree_util.tree_leaves(params)[0].dtype
+
+
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any) -> KVCache:
     shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
     zeros = lambda: [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)]  # noqa: E731
