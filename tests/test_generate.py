@@ -81,7 +81,7 @@ def test_compiles_exactly_once_per_bucket(tiny):
     many compilations as its two calls could make, so that bug passed it.
     """
     _, cfg, params, tok = tiny
-    compiled = (gen._prefill, gen._decode_fn())  # the decode variant this backend uses
+    compiled = (gen._prefill, gen._decode)
     for fn in compiled:
         fn.clear_cache()
     seen: set[tuple[int, int, int]] = set()
