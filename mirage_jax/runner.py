@@ -229,16 +229,17 @@ def evaluate(model: Any, params: Any, reqs: Sequence[EditRequest], rc: RunConfig
 
 
 def evaluate_singles(model: Any, reqs: Sequence[EditRequest], edited: Sequence[tuple[Any, dict]], rc: RunConfig,
-                     judge: Judge, pre: dict[int, dict]) -> list[dict]:
+                     judge: Judge, pre: dict[int, dict], stack_size: int | None = None) -> list[dict]:
     """Post-edit metrics of single edits: request i on its own edited params ``edited[i] = (params,
     info)``, {} where the edit failed. Edits that changed the same leaves go through `evaluate`
-    together as one `EditStack`, which gives each its own model in one batched pass."""
+    together (at most `stack_size` at a time) as one `EditStack`, which gives each its own model in
+    one batched pass."""
     ok = [i for i, (_, info) in enumerate(edited) if "error" not in info]
     posts: list[dict] = [{} for _ in reqs]
     # A stack's changed leaves may take up to 1/8 of the model's bytes: a 7B MEMIT stack then holds 3
     # edits, a ROME one 16, and a GPU that fits the model fits its stacks.
     for members, params in stack.stacks(model.params, [edited[i][0] for i in ok],
-                                        max_bytes=stack.nbytes(model.params) // 8):
+                                        max_bytes=stack.nbytes(model.params) // 8, max_members=stack_size):
         idx = [ok[j] for j in members]
         for i, post in zip(idx, evaluate(model, params, [reqs[i] for i in idx], rc, judge,
                                          [pre[reqs[i].case_id] for i in idx])):
@@ -339,6 +340,27 @@ def _safe_edit(method: EditMethod, model: Any, params: Any, reqs: Sequence[EditR
     jax.block_until_ready(new)
     info = dict(info, seconds=round(time.perf_counter() - t0, 4))
     return new, info
+
+
+EDIT_GROUP = 16  # single mode: requests edited together by a method with `apply_each`
+
+
+def _safe_edits(method: EditMethod, model: Any, reqs: Sequence[EditRequest], hp: Any,
+                **ctx: Any) -> list[tuple[Any, dict]]:
+    """Single edits of `reqs`, each from the original params: together where the method can
+    (`apply_each`; `info["seconds"]` is then the group's time per request), else one by one. A
+    request the method rejects sends the group through `_safe_edit` one by one, which records it."""
+    if method.apply_each is None or len(reqs) == 1:
+        return [_safe_edit(method, model, model.params, [r], hp, **ctx) for r in reqs]
+    t0 = time.perf_counter()
+    try:
+        edited = method.apply_each(model.params, model.cfg, model.tokenizer, reqs, hp,
+                                   **{k: v for k, v in ctx.items() if v is not None})
+    except ValueError:
+        return [_safe_edit(method, model, model.params, [r], hp, **ctx) for r in reqs]
+    jax.block_until_ready([p for p, _ in edited])
+    seconds = round((time.perf_counter() - t0) / len(reqs), 4)
+    return [(p, dict(info, seconds=seconds)) for p, info in edited]
 
 
 def _sequence_key(model: Any, method: EditMethod, hp: Any, rc: RunConfig, requests: Sequence[EditRequest]) -> str:
@@ -443,13 +465,16 @@ def run(model: Any, requests: Sequence[EditRequest], method: EditMethod, hp: Any
         # `stack_edits` edits at a time, each from the original model, are evaluated in one pass.
         k = rc.stack_edits or (1 if jax.default_backend() == "cpu" else 16)
         k = 1 if sharding.mesh_of(model.params) is not None else k
+        # A method that edits several requests together (`apply_each`) gets EDIT_GROUP at a time
+        # even where each edited model is then evaluated alone (k = 1): rows are written per group.
+        g = max(k, EDIT_GROUP) if method.apply_each is not None else k
         bar = tqdm(total=len(todo), desc=f"{method.name} single")
-        for s in range(0, len(todo), k):
-            group = todo[s : s + k]
-            edited = [_safe_edit(method, model, model.params, [r], hp, stats=stats, **ctx) for r in group]
+        for s in range(0, len(todo), g):
+            group = todo[s : s + g]
+            edited = _safe_edits(method, model, group, hp, stats=stats, **ctx)
             for _, info in edited:
                 info.pop("state", None)
-            for r, (_, info), post in zip(group, edited, evaluate_singles(model, group, edited, rc, judge, pre)):
+            for r, (_, info), post in zip(group, edited, evaluate_singles(model, group, edited, rc, judge, pre, k)):
                 _append(results, _record(r, pre[r.case_id], post, info))
             bar.update(len(group))
         bar.close()

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mirage_jax.editing.ft import FTConfig, ft_edit
+from mirage_jax.editing.ft import FTConfig, _pack, ft_edit, ft_edit_each
 from mirage_jax.evaluation.synthetic import token_accuracy
 from mirage_jax.model import load_model
 from mirage_jax.model.transformer import forward
@@ -158,3 +158,68 @@ def test_target_length_adds_no_compiled_shape_within_a_row_bucket(tiny):
         token_accuracy(new, tiny.cfg, tiny.tokenizer, [prompt], [target])
     assert ft._optimise._cache_size() - loops == 1
     assert synthetic._argmax_tokens._cache_size() - scorers == 1
+
+
+EACH_PROMPTS = ["t10 t11 t12", "t20 t21", "t30 t31 t32 t33 t34 t35 t36", "t40"]
+EACH_TARGETS = ["t50 t51", "t60", "t70 t71 t72", "t80 t81"]
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory):
+    return load_model(save_tiny("gpt2", tmp_path_factory.mktemp("ft_gpt2"), seed=7))
+
+
+@pytest.mark.parametrize("family, objective, box", [("llama", "target_new", None), ("llama", "prompt_last", None),
+                                                    ("llama", "target_new", 2e-3), ("gpt2", "target_new", None)])
+def test_edits_together_equal_each_edit_alone(request, family, objective, box):
+    """`ft_edit_each` (single edits packed into shared rows) against `ft_edit` on each request alone:
+    the same steps (requests stop at different steps: the threshold is set where they do), the same
+    final loss, the same update up to float reordering (Adam turns the noise of near-zero gradients
+    into +-lr steps on a few weights: compared in Frobenius norm). Three requests: the count is
+    padded with an empty one. Planted bugs this catches (seen failing): positions running across
+    the packed row instead of restarting per request; the segment mask dropped (requests attend to
+    each other); one stop for all requests (`any`) instead of each its own. GPT-2 (a position table)
+    catches the first: under RoPE a segment's constant position offset changes nothing."""
+    tiny = request.getfixturevalue("tiny" if family == "llama" else "tiny_gpt2")
+    hp = FTConfig(layers=(1,), lr=1e-2, num_steps=30, objective=objective, norm_constraint=box)
+    n = 3
+    free = [ft_edit(tiny.params, tiny.cfg, tiny.tokenizer, [p], [t], dataclasses.replace(hp, early_stop_loss=-1.0))
+            for p, t in zip(EACH_PROMPTS[:n], EACH_TARGETS[:n])]
+    hp = dataclasses.replace(hp, early_stop_loss=float(np.median([info["loss"] for _, info in free])) + 0.05)
+    alone = [ft_edit(tiny.params, tiny.cfg, tiny.tokenizer, [p], [t], hp)
+             for p, t in zip(EACH_PROMPTS[:n], EACH_TARGETS[:n])]
+    together = ft_edit_each(tiny.params, tiny.cfg, tiny.tokenizer, EACH_PROMPTS[:n], EACH_TARGETS[:n], hp)
+    steps = [info["steps"] for _, info in alone]
+    assert len(set(steps)) > 1 and min(steps) < hp.num_steps  # the premise: they stop apart
+    k0 = np.asarray(tiny.params["layers"][1]["mlp"]["down"]["kernel"])
+    for (a, ia), (b, ib) in zip(alone, together):
+        assert _changed(tiny.params, b) == _changed(tiny.params, a) <= {"['layers'][1]['mlp']['down']['kernel']"}
+        assert ib["steps"] == ia["steps"]
+        assert ib["loss"] == pytest.approx(ia["loss"], abs=1e-5)
+        da = np.asarray(a["layers"][1]["mlp"]["down"]["kernel"]) - k0
+        db = np.asarray(b["layers"][1]["mlp"]["down"]["kernel"]) - k0
+        assert np.linalg.norm(db - da) <= 1e-3 * np.linalg.norm(da) + 1e-9
+        if box is not None:
+            assert np.abs(db).max() <= box + 1e-7
+
+
+def test_packing_places_every_token_once():
+    """`_pack`: each request's tokens, in order, in one row, no slot used twice, positions from 0."""
+    rng = np.random.default_rng(0)
+    lengths = [3, 64, 20, 41, 1, 0, 33]
+    t = 64
+    tokens, attn = np.zeros((len(lengths), t), np.int32), np.zeros((len(lengths), t), np.int32)
+    for r, n in enumerate(lengths):
+        tokens[r, t - n:], attn[r, t - n:] = rng.integers(1, 100, n), 1
+    pk = _pack(tokens, attn)
+    rows, width = pk.tokens.shape
+    assert width == 64 and rows == 4  # 162 tokens in 64-slot rows: 3 rows, a power of two: 4
+    used = pk.flat[attn.astype(bool)]
+    assert len(set(used.tolist())) == len(used)
+    for r, n in enumerate(lengths):
+        slots = pk.flat[r, t - n:]
+        np.testing.assert_array_equal(pk.tokens.reshape(-1)[slots], tokens[r, t - n:])
+        np.testing.assert_array_equal(pk.segments.reshape(-1)[slots], r)
+        np.testing.assert_array_equal(pk.positions.reshape(-1)[slots], np.arange(n))
+        assert len(set((slots // width).tolist())) <= 1  # one row per request
+    assert (pk.segments >= 0).sum() == sum(lengths)

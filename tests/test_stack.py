@@ -194,3 +194,9 @@ def test_runner_stacked_single_edits_equal_one_by_one(tiny, tmp_path, method, hp
         run(tiny, reqs, m, hp, dataclasses.replace(rc, output_dir=str(out), stack_edits=k), judge)
         rows[k] = [{**json.loads(x), "edit": None} for x in next(out.glob("*.jsonl")).read_text().splitlines()]
     assert rows[1] == rows[3]
+    if m.apply_each is not None:  # and edits made together (FT: packed) give the rows of edits made one by one
+        out = tmp_path / "alone"
+        run(tiny, reqs, dataclasses.replace(m, apply_each=None), hp, dataclasses.replace(rc, output_dir=str(out)),
+            judge)
+        alone = [{**json.loads(x), "edit": None} for x in next(out.glob("*.jsonl")).read_text().splitlines()]
+        assert alone == rows[1]

@@ -16,7 +16,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from mirage_jax.editing.ft import FTConfig, ft_edit
+from mirage_jax.editing.ft import FTConfig, ft_edit, ft_edit_each
 from mirage_jax.editing.grace import GRACEConfig, grace_edit
 from mirage_jax.editing.memit import MEMITConfig, memit_edit
 from mirage_jax.editing.mend import MENDConfig, editor_net, mend_edit, resolve_editor
@@ -25,6 +25,7 @@ from mirage_jax.editing.templates import templates_for
 from mirage_jax.editing.wise import WISEConfig, wise_edit, wise_templates
 
 EditFn = Callable[..., tuple[Any, dict]]
+EachFn = Callable[..., list[tuple[Any, dict]]]
 PrepareFn = Callable[[Any, Any, Any, Any], dict]  # (params, cfg, tokenizer, hp) -> extra ctx for `apply`
 
 
@@ -46,10 +47,18 @@ class EditMethod:
     # Synthetic evaluation also in the seed's generated variant (spec 2.2): the seed evaluates GRACE
     # that way (vanilla generation), so its numbers are only comparable with it.
     generated_synthetic: bool = False
+    # Single mode's edits of several requests, each from the same params, computed together
+    # (params, cfg, tokenizer, requests, hp, **ctx) -> [(new params, info)] per request; None: one
+    # `apply` per request.
+    apply_each: EachFn | None = None
 
 
 def _ft(params, cfg, tokenizer, requests, hp: FTConfig):
     return ft_edit(params, cfg, tokenizer, [r.prompt for r in requests], [r.target_new for r in requests], hp)
+
+
+def _ft_each(params, cfg, tokenizer, requests, hp: FTConfig):
+    return ft_edit_each(params, cfg, tokenizer, [r.prompt for r in requests], [r.target_new for r in requests], hp)
 
 
 def _grace(params, cfg, tokenizer, requests, hp: GRACEConfig, stats=None, state=None):
@@ -94,8 +103,8 @@ def _memit_as(algorithm: str) -> EditFn:
 
 
 METHODS: dict[str, EditMethod] = {
-    "FT-L": EditMethod("FT-L", FTConfig, _ft, batchable=True),
-    "FT-M": EditMethod("FT-M", FTConfig, _ft, batchable=True),
+    "FT-L": EditMethod("FT-L", FTConfig, _ft, batchable=True, apply_each=_ft_each),
+    "FT-M": EditMethod("FT-M", FTConfig, _ft, batchable=True, apply_each=_ft_each),
     # One request at a time; several requests are applied one after the other.
     "ROME": EditMethod("ROME", ROMEConfig, _rome_as("rome"), False, lambda hp: hp.mom2_adjustment, _templates),
     "R-ROME": EditMethod("R-ROME", ROMEConfig, _rome_as("r-rome"), False, lambda hp: hp.mom2_adjustment, _templates),

@@ -15,16 +15,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from mirage_jax.editing.common import Reads, check_layers, down_kernel, loss_reads, read_nll, replace_down_kernels
 from mirage_jax.model.config import ModelConfig
-from mirage_jax.model.transformer import forward
-from mirage_jax.tokens import make_batch
+from mirage_jax.model.stack import nbytes
+from mirage_jax.model.transformer import forward, unembed
+from mirage_jax.tokens import bucket, make_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,8 +48,7 @@ def _loss(trainable, params, cfg: ModelConfig, start: int, hidden, attn_mask, re
     return read_nll(p, cfg, h, reads)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "hp"))
-def _optimise(params, cfg: ModelConfig, hp: FTConfig, tokens, attn_mask, reads: Reads):
+def _optimise_impl(params, cfg: ModelConfig, hp: FTConfig, tokens, attn_mask, reads: Reads):
     start = min(hp.layers)
     hidden = forward(params, cfg, tokens, attn_mask=attn_mask, stop_layer=start).hidden
     hidden = jax.lax.stop_gradient(hidden)
@@ -75,13 +76,147 @@ def _optimise(params, cfg: ModelConfig, hp: FTConfig, tokens, attn_mask, reads: 
     return w, steps, last_loss
 
 
-def ft_edit(params: Any, cfg: ModelConfig, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str],
-            hp: FTConfig) -> tuple[Any, dict]:
-    """Fine-tune on (prompt, target) pairs -> (new params, info). The input pytree is untouched."""
+_optimise = jax.jit(_optimise_impl, static_argnames=("cfg", "hp"))
+
+
+def _check(cfg: ModelConfig, hp: FTConfig) -> None:
     check_layers(hp.layers, cfg.num_layers, "FT")
     if hp.objective not in ("target_new", "prompt_last"):
         raise ValueError(f"FT: objective must be 'target_new' or 'prompt_last', got {hp.objective!r}")
+
+
+def ft_edit(params: Any, cfg: ModelConfig, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str],
+            hp: FTConfig) -> tuple[Any, dict]:
+    """Fine-tune on (prompt, target) pairs -> (new params, info). The input pytree is untouched."""
+    _check(cfg, hp)
     b = make_batch(tokenizer, prompts, targets)
     reads = loss_reads(b.tokens, b.target_mask, b.prompt_last, hp.objective)
     w, steps, loss = _optimise(params, cfg, hp, jnp.asarray(b.tokens), jnp.asarray(b.attn_mask), reads)
     return replace_down_kernels(params, w), {"steps": int(steps), "loss": float(loss)}
+
+
+class _Packing(NamedTuple):
+    """Single-edit requests packed into rows (`_pack`): request r's tokens are a segment of one row."""
+
+    tokens: np.ndarray  # [R, W] the packed token ids
+    segments: np.ndarray  # [R, W] the request each slot holds, -1 for an empty slot
+    positions: np.ndarray  # [R, W] each token's position within its own request
+    flat: np.ndarray  # [n, T] where the token in column t of request r's left-padded row sits (row * W + slot)
+    valid: np.ndarray  # [n, T] 1 where that column holds a token
+
+
+def _pack(tokens: np.ndarray, attn: np.ndarray) -> _Packing:
+    """Pack the left-padded rows of a `make_batch` batch into rows of W = bucket(longest, 64) slots,
+    first fit by decreasing length; the row count is a power of two (empty rows fill it)."""
+    n, t = tokens.shape
+    lengths = attn.sum(-1)
+    width = bucket(int(lengths.max()), 64)
+    free: list[int] = []  # per packed row: its first empty slot
+    place = np.zeros((n, 2), np.int64)
+    for r in sorted(range(n), key=lambda r: -lengths[r]):
+        row = next((i for i, f in enumerate(free) if f + lengths[r] <= width), len(free))
+        if row == len(free):
+            free.append(0)
+        place[r] = row, free[row]
+        free[row] += lengths[r]
+    rows = bucket(len(free), 1)
+    packed, segments = np.zeros((rows, width), np.int32), np.full((rows, width), -1, np.int32)
+    positions = np.zeros((rows, width), np.int32)
+    flat, valid = np.zeros((n, t), np.int32), attn.astype(np.float32)
+    for r in range(n):
+        (row, slot), length = place[r], lengths[r]
+        packed[row, slot : slot + length] = tokens[r, t - length :]
+        segments[row, slot : slot + length] = r
+        positions[row, slot : slot + length] = np.arange(length)
+        flat[r, t - length :] = row * width + slot + np.arange(length)
+    return _Packing(packed, segments, positions, flat, valid)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "hp"))
+def _optimise_packed(params, cfg: ModelConfig, hp: FTConfig, pk: _Packing, reads: Reads):
+    """`_optimise` of n requests at once, each on its own kernel ``[n, F, D]`` and its own loss,
+    their sequences packed into shared rows (segment-masked attention, positions per request).
+
+    Why packed and not vmapped: the shared layers then see only real tokens, where one request alone
+    is a ~16-row matmul per weight (streamed from memory for little arithmetic) and a vmap pads every
+    request to the longest of the group (QAEdit: 25 tokens on average, groups of 16 padded to 64).
+    Only the trained layer's kernel differs between requests, and its input (the MLP key) does not
+    depend on it: so the layer runs once on the original kernel, and each step adds each request's
+    ``key @ (W_r - W_0)`` on its own tokens. Per request, Adam's update, the box and the early stop are
+    those of `_optimise` on that request alone (elementwise, and a request's count of updates is the
+    loop's step while it runs); a request that stopped keeps its kernel while the others go on."""
+    (layer,) = hp.layers
+    rows, width = pk.tokens.shape
+    n = pk.flat.shape[0]
+    mask = pk.segments[:, :, None] == pk.segments[:, None, :]
+    first = forward(params, cfg, pk.tokens, attn_mask=mask, positions=pk.positions, stop_layer=layer + 1,
+                    reads=(("mlp_key", layer),))
+    flat = lambda x: x.reshape(rows * width, x.shape[-1])  # noqa: E731
+    base = jax.lax.stop_gradient(flat(first.hidden))  # leaving the trained layer with the original kernel
+    keys = jax.lax.stop_gradient(jnp.take(flat(first.reads[("mlp_key", layer)]), pk.flat, axis=0))  # [n, T, F]
+    keys = keys * pk.valid[..., None]
+    w0 = jnp.broadcast_to(down_kernel(params, layer).astype(jnp.float32), (n,) + down_kernel(params, layer).shape)
+    read_at = jnp.take_along_axis(pk.flat, reads.pos, axis=1)  # [n, K] flat slots of the reads
+
+    def losses(w):
+        delta = jnp.einsum("ntf,nfd->ntd", keys, w - w0, preferred_element_type=jnp.float32)
+        h = base.at[pk.flat].add((delta * pk.valid[..., None]).astype(base.dtype)).reshape(rows, width, -1)
+        h = forward(params, cfg, None, attn_mask=mask, positions=pk.positions, start_layer=layer + 1, hidden=h,
+                    return_logits=False).hidden
+        logits = unembed(params, cfg, jnp.take(flat(h), read_at, axis=0))  # [n, K, V]
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), reads.tok[..., None], axis=-1)[..., 0]
+        per = (nll * reads.mask).sum(-1) / jnp.maximum(reads.mask.sum(-1), 1)  # `mean_per_request` of one row
+        return per.sum(), per  # requests are independent: d(sum)/d(W_r) is request r's own gradient
+
+    opt = optax.chain(optax.add_decayed_weights(hp.weight_decay), optax.adam(hp.lr))
+    loss_grad = jax.value_and_grad(losses, has_aux=True)
+
+    def step(carry):
+        w, state, i, last, stopped, steps = carry
+        (_, loss), g = loss_grad(w)
+        stop = stopped | (loss < hp.early_stop_loss)
+        upd, new_state = opt.update(g, state, w)
+        new_w = optax.apply_updates(w, upd)
+        if hp.norm_constraint is not None:
+            new_w = jnp.clip(new_w, w0 - hp.norm_constraint, w0 + hp.norm_constraint)
+        keep = lambda old, new: jax.tree_util.tree_map(  # noqa: E731
+            lambda a, b: jnp.where(stop.reshape((-1,) + (1,) * (a.ndim - 1)), a, b) if a.ndim else b, old, new)
+        return (keep(w, new_w), keep(state, new_state), i + 1, jnp.where(stopped, last, loss), stop,
+                jnp.where(stopped, steps, i + 1))
+
+    def cond(carry):
+        return (carry[2] < hp.num_steps) & ~jnp.all(carry[4])
+
+    init = (w0, opt.init(w0), jnp.int32(0), jnp.full((n,), jnp.inf), jnp.zeros((n,), bool), jnp.zeros((n,), jnp.int32))
+    w, _, _, last, _, steps = jax.lax.while_loop(cond, step, init)
+    return w, steps, last
+
+
+def ft_edit_each(params: Any, cfg: ModelConfig, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str],
+                 hp: FTConfig) -> list[tuple[Any, dict]]:
+    """Each (prompt, target) pair its own edit of `params` -- single editing's protocol: what
+    `ft_edit` gives on that one pair -- computed together (`_optimise_packed`): one (new params,
+    info) per pair. The request count is padded to a power of two with empty requests (no tokens,
+    no loss), so a run's groups share a compiled loop. With several trained layers (the trained
+    input of the upper ones changes) the pairs are edited one after the other."""
+    _check(cfg, hp)
+    if len(hp.layers) != 1:
+        return [ft_edit(params, cfg, tokenizer, [p], [t], hp) for p, t in zip(prompts, targets)]
+    # Per request the loop holds its kernel, Adam's two moments and a gradient in float32: at most
+    # half the model's bytes of them at once (the default model: 19 requests; a 7B one: 9).
+    each = 16 * down_kernel(params, hp.layers[0]).size
+    most = 1 << max(0, (max(1, nbytes(params) // 2 // each)).bit_length() - 1)
+    if len(prompts) > most:
+        return [e for s in range(0, len(prompts), most)
+                for e in ft_edit_each(params, cfg, tokenizer, prompts[s : s + most], targets[s : s + most], hp)]
+    n = len(prompts)
+    b = make_batch(tokenizer, prompts, targets, batch_bucket=False)
+    fill = bucket(n, 1) - n  # empty requests: no tokens (valid 0), no reads
+    tokens, attn = np.pad(b.tokens, ((0, fill), (0, 0))), np.pad(b.attn_mask, ((0, fill), (0, 0)))
+    reads = loss_reads(tokens, np.pad(b.target_mask, ((0, fill), (0, 0))), np.pad(b.prompt_last, (0, fill)),
+                       hp.objective)
+    w, steps, loss = _optimise_packed(params, cfg, hp, _Packing(*map(jnp.asarray, _pack(tokens, attn))), reads)
+    steps, loss = jax.device_get((steps, loss))
+    (layer,) = hp.layers
+    return [(replace_down_kernels(params, {layer: w[i]}),
+             {"steps": int(steps[i]), "loss": float(loss[i])}) for i in range(n)]

@@ -82,19 +82,23 @@ def group(base: Any, edited: Sequence[Any], max_bytes: int | None = None) -> lis
     return [idx for idx, _ in _split([signature(base, p) for p in edited], max_bytes)]
 
 
-def stacks(base: Any, edited: Sequence[Any], max_bytes: int | None = None) -> list[tuple[list[int], Any]]:
+def stacks(base: Any, edited: Sequence[Any], max_bytes: int | None = None,
+           max_members: int | None = None) -> list[tuple[list[int], Any]]:
     """`group`'s groups, each with the pytree that evaluates it: the edited params of a lone member,
     else its `EditStack` (or `base` where no member changed anything). Every member's leaves are
-    compared with the original once, for its signature and its stacked leaves together."""
-    if len(edited) < 2:
+    compared with the original once, for its signature and its stacked leaves together. A group
+    holds at most `max_members` edits and `max_bytes` of stacked leaves."""
+    if len(edited) < 2 or max_members == 1:
         return [([i], p) for i, p in enumerate(edited)]
     flat = [changed_leaves(base, p) for p in edited]
     return [(idx, edited[idx[0]] if len(idx) == 1 else _stack(base, [flat[i] for i in idx], sig))
-            for idx, sig in _split([_signature(f) for f in flat], max_bytes)]
+            for idx, sig in _split([_signature(f) for f in flat], max_bytes, max_members)]
 
 
-def _split(sigs: Sequence[Signature], max_bytes: int | None) -> list[tuple[list[int], Signature]]:
-    """Indices grouped by equal signature (first-seen order), each group cut to `max_bytes` of stacked leaves."""
+def _split(sigs: Sequence[Signature], max_bytes: int | None,
+           max_members: int | None = None) -> list[tuple[list[int], Signature]]:
+    """Indices grouped by equal signature (first-seen order), each group cut to `max_bytes` of stacked
+    leaves and `max_members` members."""
     groups: dict[Signature, list[int]] = {}
     for i, sig in enumerate(sigs):
         groups.setdefault(sig, []).append(i)
@@ -102,6 +106,7 @@ def _split(sigs: Sequence[Signature], max_bytes: int | None) -> list[tuple[list[
     for sig, members in groups.items():
         each = sum(int(np.prod(shape)) * np.dtype(jnp.dtype(dtype)).itemsize for _, shape, dtype in sig)
         k = len(members) if max_bytes is None or each == 0 else max(1, max_bytes // each)
+        k = k if max_members is None else min(k, max_members)
         out += [(members[s : s + k], sig) for s in range(0, len(members), k)]
     return out
 

@@ -127,7 +127,9 @@ class Placement(NamedTuple):
     """Where this call's T tokens sit: the same for every layer of one forward."""
 
     positions: jax.Array  # [B, T] RoPE / position-table index of each token
-    key_mask: jax.Array  # [B, S] key slots holding real tokens (S = T without a cache, the cache length with one)
+    # [B, S] key slots holding real tokens (S = T without a cache, the cache length with one), or
+    # [B, T, T] which key each query may see besides causality (several sequences packed in a row)
+    key_mask: jax.Array
     cache_index: jax.Array | int  # cache slot of the first of the T tokens (0 without a cache)
 
 
@@ -154,7 +156,8 @@ def _attention(
     s = k.shape[1]
     q_slot = cache_index + jnp.arange(t)
     k_slot = jnp.arange(s)
-    allowed = (k_slot[None, :] <= q_slot[:, None])[None] & key_mask[:, None, :].astype(bool)
+    seen = key_mask[:, None, :] if key_mask.ndim == 2 else key_mask
+    allowed = (k_slot[None, :] <= q_slot[:, None])[None] & seen.astype(bool)
     if cfg.sliding_window is not None:
         allowed &= (k_slot[None, :] > q_slot[:, None] - cfg.sliding_window)[None]
     q = q.reshape(b, t, hk, hq // hk, hd)
@@ -280,7 +283,8 @@ def forward(
 
     tokens: ``[B, T]`` int ids (ignored when ``hidden`` is given).
     attn_mask: which key slots hold real tokens: ``[B, T]`` without a cache, ``[B, S]`` (the
-      whole cache) with one. Defaults to all ones.
+      whole cache) with one. Defaults to all ones. Or, without a cache, ``[B, T, T]``: which keys
+      each query sees besides causality (sequences packed into one row, `positions` then given).
     positions: ``[B, T]`` RoPE / position-table indices; defaults to ``positions_from_mask``.
     cache / cache_index: KV cache and the slot where this call's first token is written.
     start_layer / hidden: run layers ``start_layer..`` from ``hidden`` (the ``layer_in`` of
@@ -308,6 +312,8 @@ def forward(
     if attn_mask is None:
         attn_mask = jnp.ones((b, t if cache is None else cache.k[0].shape[1]), jnp.int32)
     if positions is None:
+        if attn_mask.ndim != 2:
+            raise ValueError("a [B, T, T] attention mask needs explicit positions")
         positions = positions_from_mask(attn_mask[:, :t])  # prompt / prefill: slots 0..t-1
     x = hidden if hidden is not None else embed(params, cfg, tokens, positions)
     stop = cfg.num_layers if stop_layer is None else stop_layer
