@@ -133,29 +133,61 @@ def _redo_switched(params: Params, cfg: ModelConfig, cache: KVCache, s: DecodeSt
     return jax.lax.cond(jnp.any(switched), redo, lambda _: (cache, nxt), None)
 
 
-@functools.partial(jax.jit, static_argnums=(1,), donate_argnums=(4,))  # the empty cache is filled in place
-def _prefill(params: Params, cfg: ModelConfig, tokens: jax.Array, mask: jax.Array, cache: KVCache,
-             prompt_len: jax.Array, prefix: KVCache | None = None) -> tuple[KVCache, jax.Array, dict]:
+def _prefill_impl(params: Params, cfg: ModelConfig, tokens: jax.Array, mask: jax.Array, cache: KVCache,
+                  prompt_len: jax.Array, prefix: KVCache | None, start: int) -> tuple[KVCache, jax.Array, dict]:
     """The left-padded prompt batch in one forward: the filled cache, each row's first new token and
     the adapters' routes (empty without adapters). Logits at the last position only: over every
     prompt position the LM head would cost more than the whole stack (49k x 576 on the default model)
     and its [B, P, V] float32 output would not fit in cache.
 
-    `prefix`: the keys / values ``[K, Pk]`` of a prefix every prompt shares (`_prefix_cache`, one row
-    per stacked edit): they fill slots ``[0, Pk)`` of every row of their member, and `tokens` are then
-    each row's rest, prefilled at slots ``[Pk, P)`` with positions counted over real tokens only --
-    so every token sees what it would have seen with the whole prompt in `tokens`."""
-    pk = 0
-    positions = None
+    `tokens` go to slots ``[start, start + T)``, the prompt's last slots, with positions counted over
+    the mask's real tokens. `prefix`: the keys / values ``[K, Pk]`` of a prefix every prompt shares
+    (`_prefix_cache`, one row per stacked edit): they fill slots ``[0, Pk)`` of every row of their
+    member, and `tokens` are then each row's rest -- so every token sees what it would have seen
+    with the whole prompt in `tokens`."""
     if prefix is not None:
         k, pk = prefix.k[0].shape[:2]
         fill = lambda full, part: full.at[:, :pk].set(jnp.repeat(part, full.shape[0] // k, axis=0))  # noqa: E731
         cache = jax.tree_util.tree_map(fill, cache, prefix)
-        positions = positions_from_mask(mask[:, :pk + tokens.shape[1]])[:, pk:]
-    out = forward(params, cfg, tokens, attn_mask=mask, positions=positions, cache=cache, cache_index=pk,
+    positions = positions_from_mask(mask[:, :start + tokens.shape[1]])[:, start:]
+    out = forward(params, cfg, tokens, attn_mask=mask, positions=positions, cache=cache, cache_index=start,
                   prompt_len=prompt_len, return_logits=False)
     logits = unembed(params, cfg, out.hidden[:, -1:])
     return out.cache, jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), out.routes
+
+
+# The empty cache is donated: filled in place.
+_prefill = jax.jit(_prefill_impl, static_argnums=(1, 7), donate_argnums=(4,))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 7), donate_argnums=(4,))
+def _prefill_rows(params: Params, cfg: ModelConfig, tokens: jax.Array, mask: jax.Array, cache: KVCache,
+                  prompt_len: jax.Array, prefix: KVCache | None, start: int,
+                  row0: jax.Array) -> tuple[KVCache, jax.Array]:
+    """`_prefill` of the rows ``[row0, row0 + R)`` of the batch's cache only (R = len(tokens)): one
+    member of an edit stack, on that member's own params, its rest in its own (shorter) bucket."""
+    rows = tokens.shape[0]
+    part = jax.tree_util.tree_map(lambda c: jax.lax.dynamic_slice_in_dim(c, row0, rows, 0), cache)
+    part, nxt, _ = _prefill_impl(params, cfg, tokens, mask, part, prompt_len, prefix, start)
+    return jax.tree_util.tree_map(lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, x, row0, 0), cache, part), nxt
+
+
+def _member_blocks(rows: Sequence[Sequence[int]], slots: Sequence[int], batch: int, members: int, shared: int,
+                   rest_slots: int) -> list[tuple[int, int]] | None:
+    """Per edit-stack member with prompts: (its first row, its rest bucket), where prefilling each
+    member's rows in its own bucket (`_prefill_rows`) halves the prefilled positions or better; None:
+    one prefill for the batch. A stack's members are laid out member-major with every member's
+    prompts padded to the longest of *all* members, so one call prefills up to the longest prompt
+    for every row (QAEdit, 16 members: [128, 96] where the members' own buckets are 16-64)."""
+    if members < 2:
+        return None
+    per = batch // members
+    longest = {}
+    for r, slot in zip(rows, slots):
+        m = slot // per
+        longest[m] = max(longest.get(m, 0), len(r) - shared)
+    blocks = [(m * per, min(bucket(n), rest_slots)) for m, n in sorted(longest.items())]
+    return blocks if 2 * per * sum(w for _, w in blocks) <= batch * rest_slots else None
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
@@ -349,8 +381,12 @@ def _shared_prefix(params: Any, cfg: ModelConfig, rows: Sequence[Sequence[int]],
         return 0
     if cfg.sliding_window is not None and cfg.sliding_window < prompt_slots + new_slots:
         return 0
-    tree = params.params_of(params.leaves) if isinstance(params, EditStack) else params  # structure only
-    return 0 if has_adapters(tree) else common
+    return 0 if has_adapters(_structure(params)) else common
+
+
+def _structure(params: Any) -> Any:
+    """A pytree of the model's structure (for an `EditStack`, one holding its stacked leaves)."""
+    return params.params_of(params.leaves) if isinstance(params, EditStack) else params
 
 
 def _text_stops(tokenizer: Any, out: np.ndarray, step: int, stopped: Sequence[int | None],
@@ -430,7 +466,20 @@ def _generate_batch(
         cache = jax.device_put(cache, sharding.cache_sharding(mesh, cfg, b))
     prompt_len = jnp.asarray(mask[:, :p].sum(-1).astype(np.int32))
     prefix_kv = _prefix_cache(params, cfg, jnp.asarray(prefix), jnp.asarray(prefix_mask)) if shared else None
-    cache, nxt, routes = _prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(mask), cache, prompt_len, prefix_kv)
+    blocks = None if mesh is not None or has_adapters(_structure(params)) else \
+        _member_blocks(rows, slots, b, k, shared, p - pk)
+    if blocks is None:
+        cache, nxt, routes = _prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(mask), cache, prompt_len,
+                                      prefix_kv, pk)
+    else:  # each member of the stack on its own params, its rest in its own bucket (`_member_blocks`)
+        per, nxt, routes = b // k, jnp.zeros((b,), jnp.int32), {}
+        for row0, width in blocks:
+            m, rows_m = row0 // per, slice(row0, row0 + per)
+            part = None if prefix_kv is None else jax.tree_util.tree_map(lambda x: x[m : m + 1], prefix_kv)  # noqa: B023
+            cache, first = _prefill_rows(params.member(m), cfg, jnp.asarray(tokens[rows_m, -width:]),
+                                         jnp.asarray(mask[rows_m]), cache, prompt_len[rows_m], part, p - width,
+                                         jnp.int32(row0))
+            nxt = nxt.at[rows_m].set(first)
     state = DecodeState(step=jnp.int32(0), next_token=nxt, out=jnp.full((b, new_bucket), -1, jnp.int32),
                         done=jnp.asarray(~np.isin(np.arange(b), slots)), mask=jnp.asarray(mask),
                         prompt_len=prompt_len, prompt_slots=jnp.int32(p), routes=routes,

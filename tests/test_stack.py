@@ -131,6 +131,34 @@ def test_a_stack_prefills_a_shared_prompt_prefix_once_per_member(tiny, monkeypat
                                                           [prompts[i] for i in mine], **kw), m
 
 
+@pytest.mark.parametrize("head", [0, 14])
+def test_a_stack_prefills_each_member_in_its_own_bucket(tiny, monkeypatch, head):
+    """One member's prompts are ~40 tokens, the others' <= 6: one prefill would pad every row to the
+    long member's bucket, so each member's rows are prefilled on its own params in its own bucket
+    (`_prefill_rows`, called per member with prompts) -- with and without a shared prefix, an edit
+    of layer 0 (prefix keys per member). Every generation equals the member's alone. Planted bugs
+    caught: a member's rows prefilled on member 0's params; its rest put at the start of the
+    prompt slots instead of the end."""
+    members = [_rank_one(tiny, s, scale=1.0, layer=0) for s in range(4)]
+    st = stack.build(tiny.params, members)
+    lead = " ".join(f"t{i}" for i in range(70, 70 + head))
+    long = " ".join(f"t{i % 60 + 3}" for i in range(40))
+    texts = [f"{lead} {t}".strip() for t in [long, TEXTS[1], long + " t9", TEXTS[3], TEXTS[4], TEXTS[6]]]
+    prompts = _ids(tiny, texts)
+    owner = [0, 1, 0, 2, 3, 3]
+    calls, fn = [], gen._prefill_rows
+    monkeypatch.setattr(gen, "_prefill_rows", lambda *a: calls.append(a[2].shape) or fn(*a))
+    kw = dict(max_new_tokens=10, batch_size=2)
+    got = gen.generate_ids(st, tiny.cfg, tiny.tokenizer, prompts, members=owner, **kw)
+    assert len(calls) == 4 and calls[0][1] > calls[1][1] == 16, calls  # the long member's bucket and the others'
+    for m, params in enumerate(members):
+        mine = [i for i, o in enumerate(owner) if o == m]
+        assert [got[i] for i in mine] == gen.generate_ids(params, tiny.cfg, tiny.tokenizer,
+                                                          [prompts[i] for i in mine], **kw), m
+    assert gen.generate_ids(members[1], tiny.cfg, tiny.tokenizer, [prompts[1]], **kw)[0].ids != \
+        gen.generate_ids(members[2], tiny.cfg, tiny.tokenizer, [prompts[1]], **kw)[0].ids  # the members differ
+
+
 def test_synthetic_scores_of_a_stack_are_each_members(tiny):
     members = [_rank_one(tiny, s) for s in range(3)]
     st = stack.build(tiny.params, members)
