@@ -81,6 +81,28 @@ def test_forward_of_a_stack_is_each_members_forward(tiny):
     assert np.abs(np.asarray(other) - np.asarray(got[:2])).max() > 1e-2  # the premise: the members differ
 
 
+def test_only_edited_mlps_run_per_member_else_the_whole_forward(tiny):
+    """MLP edits: only those MLPs run per member (`stack.mlp_stacks`); an edit elsewhere (here an
+    attention kernel) sends the whole forward through the per-member vmap. Both give each member's
+    own logits, and a KV-cached decode step too."""
+    k = np.asarray(tiny.params["layers"][0]["attn"]["q"]["kernel"])
+    q_edits = []
+    for s in range(2):
+        layers = list(tiny.params["layers"])
+        noise = np.random.default_rng(s).standard_normal(k.shape).astype(k.dtype)
+        layers[0] = {**layers[0], "attn": {**layers[0]["attn"], "q": {"kernel": jnp.asarray(k + noise)}}}
+        q_edits.append({**tiny.params, "layers": layers})
+    for members, per_layer in (([_rank_one(tiny, s) for s in range(2)], True), (q_edits, False)):
+        st = stack.build(tiny.params, members)
+        assert (stack.mlp_stacks(st) is not None) == per_layer
+        tokens = np.asarray(_ids(tiny, ["t10 t11 t5 t7"] * 2))
+        got = forward(st, tiny.cfg, jnp.asarray(tokens), return_logits=True)
+        for m, params in enumerate(members):
+            want = forward(params, tiny.cfg, jnp.asarray(tokens[m : m + 1]))
+            np.testing.assert_allclose(got.logits[m : m + 1], want.logits, atol=2e-5, rtol=1e-5)
+        assert np.abs(np.asarray(got.logits[0] - got.logits[1])).max() > 1e-2  # the members differ
+
+
 def _stops_at_a_multiple_of_5(text: str) -> bool:
     """A stop rule that ends rows at scattered steps, so that the decode loop compacts its batch."""
     return any(w[1:].isdigit() and int(w[1:]) % 5 == 0 for w in text.split())

@@ -62,6 +62,23 @@ class EditStack:
 jax.tree_util.register_dataclass(EditStack, data_fields=["base", "leaves"], meta_fields=["paths"])
 
 
+def mlp_stacks(st: EditStack) -> dict[int, EditStack] | None:
+    """Per layer with stacked leaves, an `EditStack` of that layer's ``mlp`` subtree -- when every
+    stacked leaf lies under some layer's ``mlp`` (FT, ROME, MEMIT, GRACE, WISE edits); else None.
+
+    Why: then only those MLPs need running per member. A vmap of the whole forward over the members
+    also vmaps the attention and its KV cache, and XLA's CPU backend copies the whole member-split
+    cache several times per layer and step for it (a decode step at 128 rows x 192 slots: 800 ms
+    stacked vs 350 ms plain, measured); the attention is the same for every member anyway."""
+    by_layer: dict[int, list[tuple[PathSteps, jax.Array]]] = {}
+    for steps, leaf in zip(st.paths, st.leaves):
+        if len(steps) < 4 or steps[0] != ("k", "layers") or steps[2] != ("k", "mlp"):
+            return None
+        by_layer.setdefault(int(steps[1][1]), []).append((steps[3:], leaf))
+    return {layer: EditStack(st.base["layers"][layer]["mlp"], tuple(x for _, x in items), tuple(p for p, _ in items))
+            for layer, items in by_layer.items()}
+
+
 def signature(base: Any, params: Any) -> Signature:
     """Which leaves `params` changed or added relative to `base`, with their shapes and dtypes:
     edits with equal signatures can share a stack."""

@@ -36,7 +36,7 @@ prefill to KV-cached decode steps. Params without such leaves run exactly as bef
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -45,7 +45,7 @@ import numpy as np
 
 from mirage_jax.model.adapters import apply_mlp_adapters, mlp_adapters
 from mirage_jax.model.config import ModelConfig, rope_inv_freq
-from mirage_jax.model.stack import EditStack, per_member
+from mirage_jax.model.stack import EditStack, mlp_stacks, per_member
 
 Params = Mapping[str, Any]
 Site = tuple[str, int]
@@ -206,6 +206,7 @@ def _layer(
     adds: Mapping[Site, tuple[jax.Array, jax.Array]],
     prompt_len: jax.Array | None = None,
     route: dict | None = None,
+    mlp_stack: EditStack | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None, dict[Site, jax.Array], dict]:
     """One decoder layer ``p`` (index ``layer``) on the hidden state ``x`` ``[B, T, D]``.
 
@@ -227,19 +228,29 @@ def _layer(
     h = _norm(cfg, p["attn_norm"], x)
     attn, new_kv = _attention(cfg, p["attn"], h, where, cache_kv)
     mlp_in = hook("mlp_in", h if cfg.parallel_residual else _norm(cfg, p["mlp_norm"], x + attn))
-    m = p["mlp"]
-    if cfg.gated_mlp:
-        key = _act(cfg, _dense(m["gate"], mlp_in)) * _dense(m["up"], mlp_in)
-    else:
-        key = _act(cfg, _dense(m["up"], mlp_in))
-    key = hook("mlp_key", key)
-    mlp_out = _dense(m["down"], key)
-    new_route: dict = {}
-    if mlp_adapters(m):
-        mlp_out, new_route = apply_mlp_adapters(m, key, mlp_out, where.positions, prompt_len, route)
+    if mlp_stack is None:
+        mlp_out, new_route = _mlp(cfg, p["mlp"], mlp_in, where.positions, prompt_len, route, hook)
+    else:  # an edit stack's members differ in this MLP only: it alone runs per member
+        rows = {"x": mlp_in, "positions": where.positions, "prompt_len": prompt_len, "route": route}
+        mlp_out, new_route = per_member(lambda m, **kw: _mlp(cfg, m, hook=hook, **kw), mlp_stack, rows)
     mlp_out = hook("mlp_out", mlp_out)
     out = x + attn + mlp_out
     return hook("residual", out), new_kv, captured, new_route
+
+
+def _mlp(cfg: ModelConfig, m: Params, x: jax.Array, positions: jax.Array, prompt_len: jax.Array | None,
+         route: dict | None, hook: Callable[[str, jax.Array], jax.Array]) -> tuple[jax.Array, dict]:
+    """A layer's MLP (and its adapters, if any) on its input ``x``: the output and the adapters' routes."""
+    if cfg.gated_mlp:
+        key = _act(cfg, _dense(m["gate"], x)) * _dense(m["up"], x)
+    else:
+        key = _act(cfg, _dense(m["up"], x))
+    key = hook("mlp_key", key)
+    out = _dense(m["down"], key)
+    new_route: dict = {}
+    if mlp_adapters(m):
+        out, new_route = apply_mlp_adapters(m, key, out, positions, prompt_len, route)
+    return out, new_route
 
 
 def embed(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array) -> jax.Array:
@@ -252,6 +263,8 @@ def embed(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Ar
 def unembed(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
     """Final norm + LM head -> float32 logits (per member for an `EditStack`)."""
     if isinstance(params, EditStack):
+        if mlp_stacks(params) is not None:  # the members share everything unembed reads
+            return unembed(params.base, cfg, hidden)
         return per_member(lambda p, hidden: unembed(p, cfg, hidden), params, {"hidden": hidden})
     h = _norm(cfg, params["final_norm"], hidden)
     if cfg.tie_word_embeddings:
@@ -298,7 +311,11 @@ def forward(
     params may be an `EditStack` of K edited models: the rows are then K equal member-major blocks,
     block k run on member k (`stack.per_member`).
     """
-    if isinstance(params, EditStack):
+    mlp_stack = {}
+    if isinstance(params, EditStack) and not reads and not adds:
+        mlp_stack = mlp_stacks(params) or {}
+        params = params.base if mlp_stack else params
+    if isinstance(params, EditStack):  # leaves outside the MLPs, or hooks: the whole forward per member
         batched = {"tokens": tokens, "attn_mask": attn_mask, "positions": positions, "cache": cache, "adds": adds,
                    "hidden": hidden, "prompt_len": prompt_len, "routes": routes}
         return per_member(lambda p, **kw: forward(p, cfg, **kw), params, batched, cache_index=cache_index,
@@ -325,7 +342,8 @@ def forward(
         kv = (cache.k[layer], cache.v[layer]) if cache is not None else None
         x, new_kv, layer_reads, route = _layer(cfg=cfg, p=params["layers"][layer], x=x, where=where, cache_kv=kv,
                                                layer=layer, reads=reads, adds=adds, prompt_len=prompt_len,
-                                               route=None if routes is None else routes.get(layer))
+                                               route=None if routes is None else routes.get(layer),
+                                               mlp_stack=mlp_stack.get(layer))
         out_reads.update(layer_reads)
         if route:
             out_routes[layer] = route
