@@ -47,8 +47,8 @@ flags.DEFINE_integer("checkpoint_every", 10, "sequential / batch: write the edit
                      "the last (<run>_sequence.npz), so --resume goes on from there; 0: never (resume replays)",
                      lower_bound=0)
 flags.DEFINE_integer("stack_edits", None, "single mode: evaluate this many edited models together in one batched "
-                     "pass (each sample still on its own edit); 1: one by one. Default: 16 on a GPU / TPU, 1 on a "
-                     "CPU (compute-bound there: stacking only adds padding)", lower_bound=1)
+                     "pass (each sample still on its own edit); 1: one by one. Default: 16 (1 on a device mesh)",
+                     lower_bound=1)
 flags.DEFINE_string("stats_dir", "stats", "cache of MLP key statistics (MEMIT, AlphaEdit, ROME+mom2)")
 flags.DEFINE_string("rome_stats_dir", None, "ROME/EasyEdit stats directory (<dir>/<model>/wikipedia_stats/*.npz)")
 flags.DEFINE_string("stats_corpus", None, "statistics from this corpus (computed once, cached, resumable): "

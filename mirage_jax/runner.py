@@ -87,10 +87,11 @@ class RunConfig:
     # Sequential / batch: write the edited params every this many edits and after the last (see the
     # module docstring); 0 = never, a resumed run then replays every edit.
     checkpoint_every: int = 10
-    # Single mode: edits made one by one from the original model, then evaluated this many at a time
-    # in one batched pass (`mirage_jax.model.stack`); 1 = each on its own. None: 16 on a GPU / TPU,
-    # where a small batch leaves the chip waiting on weight reads, 1 on a CPU, where generation is
-    # compute-bound and a stack only adds padding (measured 0.79x, BUILD_NOTES). On a device mesh: 1.
+    # Single mode: edits made from the original model, then evaluated this many at a time in one
+    # batched pass (`mirage_jax.model.stack`); 1 = each on its own. None: 16 on every backend -- on a
+    # CPU too since stop 15 (a decode step of 128 rows costs ~4x one of 8, not 16x; members prefilled
+    # and scored in their own buckets): 1.5x faster evaluation there, measured (BUILD_NOTES). On a
+    # device mesh: 1.
     stack_edits: int | None = None
 
     def __post_init__(self):
@@ -342,7 +343,7 @@ def _safe_edit(method: EditMethod, model: Any, params: Any, reqs: Sequence[EditR
     return new, info
 
 
-EDIT_GROUP = 16  # single mode: requests edited together by a method with `apply_each`
+EDIT_GROUP = 16  # single mode: requests edited together (`apply_each`) and, by default, evaluated together
 
 
 def _safe_edits(method: EditMethod, model: Any, reqs: Sequence[EditRequest], hp: Any,
@@ -463,7 +464,7 @@ def run(model: Any, requests: Sequence[EditRequest], method: EditMethod, hp: Any
         # Each edited pytree is an ordinary (traced) argument of the jitted generation and forward
         # programs, so evaluating a new edit compiles nothing; only a question in an unseen bucket does.
         # `stack_edits` edits at a time, each from the original model, are evaluated in one pass.
-        k = rc.stack_edits or (1 if jax.default_backend() == "cpu" else 16)
+        k = rc.stack_edits or EDIT_GROUP
         k = 1 if sharding.mesh_of(model.params) is not None else k
         # A method that edits several requests together (`apply_each`) gets EDIT_GROUP at a time
         # even where each edited model is then evaluated alone (k = 1): rows are written per group.

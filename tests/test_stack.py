@@ -181,16 +181,29 @@ def test_a_stack_prefills_each_member_in_its_own_bucket(tiny, monkeypatch, head)
         gen.generate_ids(members[2], tiny.cfg, tiny.tokenizer, [prompts[1]], **kw)[0].ids  # the members differ
 
 
-def test_synthetic_scores_of_a_stack_are_each_members(tiny):
-    members = [_rank_one(tiny, s) for s in range(3)]
+@pytest.mark.parametrize("long", [False, True])
+def test_synthetic_scores_of_a_stack_are_each_members(tiny, monkeypatch, long):
+    """One stacked pass, or (one member's sample is long: a stacked pass would pad every row to it)
+    member by member, each in its own bucket -- either way each member's own scores. Planted bug
+    caught: member by member, every sample scored on member 0."""
+    members = [_rank_one(tiny, s, scale=2.0, layer=0) for s in range(3)]
     st = stack.build(tiny.params, members)
-    prompts, targets, owner = TEXTS[:5], ["t8 t9", "t70", "t71 t72 t73", "t8", "t9 t9"], [2, 0, 2, 1, 2]
+    prompts, targets = list(TEXTS[:6]), ["t8 t9", "t70", "t71 t72 t73", "t8", "t9 t9", "t70 t8"]
+    owner = [2, 0, 1, 0, 2, 1]
+    if long:
+        prompts[1] = " ".join(f"t{i % 60 + 3}" for i in range(40))
+    chose, fn = [], synthetic._member_by_member
+    monkeypatch.setattr(synthetic, "_member_by_member", lambda *a: chose.append(fn(*a)) or chose[-1])
     got = synthetic.predicted_target_tokens(st, tiny.cfg, tiny.tokenizer, prompts, targets, batch_size=2,
                                             members=owner)
+    assert chose == [long]
     for i, (p, t, m) in enumerate(zip(prompts, targets, owner)):
         [(pred, gold)] = synthetic.predicted_target_tokens(members[m], tiny.cfg, tiny.tokenizer, [p], [t])
         np.testing.assert_array_equal(got[i][0], pred)
         np.testing.assert_array_equal(got[i][1], gold)
+    other = [synthetic.predicted_target_tokens(members[(m + 1) % 3], tiny.cfg, tiny.tokenizer, [p], [t])[0][0]
+             for p, t, m in zip(prompts, targets, owner)]
+    assert any(not np.array_equal(o, g[0]) for o, g in zip(other, got))  # the premise: the members differ
 
 
 def test_grouping_and_degenerate_stacks(tiny):
