@@ -326,6 +326,11 @@ def _record(r: EditRequest, pre: dict, post: dict, info: dict) -> dict:
             "post": _public(post), "edit": info}
 
 
+def _given(ctx: dict) -> dict:
+    """The context a method's `apply` gets: only what is set (methods take what they need)."""
+    return {k: v for k, v in ctx.items() if v is not None}
+
+
 def _safe_edit(method: EditMethod, model: Any, params: Any, reqs: Sequence[EditRequest], hp: Any,
                **ctx: Any):
     """Apply one edit; a bad request becomes an error record instead of ending the run.
@@ -333,7 +338,7 @@ def _safe_edit(method: EditMethod, model: Any, params: Any, reqs: Sequence[EditR
     t0 = time.perf_counter()
     try:
         new, info = method.apply(params, model.cfg, model.tokenizer, reqs, hp,
-                                 **{k: v for k, v in ctx.items() if v is not None})
+                                 **_given(ctx))
     except ValueError as err:  # method-level input errors (subject missing, empty target...)
         ids = ", ".join(str(r.case_id) for r in reqs)
         log.warning("case %s: edit failed, skipped: %s", ids, err)
@@ -356,7 +361,7 @@ def _safe_edits(method: EditMethod, model: Any, reqs: Sequence[EditRequest], hp:
     t0 = time.perf_counter()
     try:
         edited = method.apply_each(model.params, model.cfg, model.tokenizer, reqs, hp,
-                                   **{k: v for k, v in ctx.items() if v is not None})
+                                   **_given(ctx))
     except ValueError:
         return [_safe_edit(method, model, model.params, [r], hp, **ctx) for r in reqs]
     jax.block_until_ready([p for p, _ in edited])

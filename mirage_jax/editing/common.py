@@ -58,11 +58,16 @@ def check_layers(layers, num_layers: int, method: str) -> None:
             raise ValueError(f"{method}: layer {layer} out of range; the model has layers 0..{num_layers - 1}")
 
 
+def per_row_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+    """``[B]``: the mean of `values` ``[B, T]`` over each row's `mask`ed entries (0 for a row without any)."""
+    return (values * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1)
+
+
 def mean_per_request(token_nll: jax.Array, mask: jax.Array) -> jax.Array:
     """Mean of `token_nll` [B, T] over each row's `mask`ed tokens, then over the rows that have any:
     every request weighs the same whatever its target length, and filler rows (no target) count
     for nothing."""
-    per_row = (token_nll * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1)
+    per_row = per_row_mean(token_nll, mask)
     rows = mask.sum(-1) > 0
     return jnp.sum(jnp.where(rows, per_row, 0.0)) / jnp.maximum(rows.sum(), 1)
 
@@ -109,6 +114,12 @@ def read_nll(params: Any, cfg: Any, hidden: jax.Array, reads: Reads) -> jax.Arra
     """`mean_per_request` NLL of the read target tokens, given the final hidden states ``[B, T, D]``
     (a forward with ``return_logits=False``): equals `target_nll` on the full logits for FT-M's reads,
     at K/T of its LM-head cost."""
-    logits = unembed(params, cfg, jnp.take_along_axis(hidden, reads.pos[:, :, None], axis=1))  # [B, K, V]
-    tok_lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), reads.tok[:, :, None], axis=-1)[..., 0]
-    return mean_per_request(-tok_lp, reads.mask)
+    at = jnp.take_along_axis(hidden, reads.pos[:, :, None], axis=1)
+    return mean_per_request(token_nll_at(params, cfg, at, reads.tok), reads.mask)
+
+
+def token_nll_at(params: Any, cfg: Any, hidden: jax.Array, tok: jax.Array) -> jax.Array:
+    """``[B, K]``: -log p(`tok`) under the next-token distribution of the final hidden states
+    ``[B, K, D]`` (only these go through the LM head)."""
+    logits = unembed(params, cfg, hidden)  # [B, K, V]
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tok[..., None], axis=-1)[..., 0]

@@ -22,10 +22,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mirage_jax.editing.common import Reads, check_layers, down_kernel, loss_reads, read_nll, replace_down_kernels
+from mirage_jax.editing.common import (
+    Reads,
+    check_layers,
+    down_kernel,
+    loss_reads,
+    per_row_mean,
+    read_nll,
+    replace_down_kernels,
+    token_nll_at,
+)
 from mirage_jax.model.config import ModelConfig
 from mirage_jax.model.stack import nbytes
-from mirage_jax.model.transformer import forward, unembed
+from mirage_jax.model.transformer import forward
 from mirage_jax.tokens import bucket, make_batch
 
 
@@ -155,7 +164,8 @@ def _optimise_packed(params, cfg: ModelConfig, hp: FTConfig, pk: _Packing, reads
     base = jax.lax.stop_gradient(flat(first.hidden))  # leaving the trained layer with the original kernel
     keys = jax.lax.stop_gradient(jnp.take(flat(first.reads[("mlp_key", layer)]), pk.flat, axis=0))  # [n, T, F]
     keys = keys * pk.valid[..., None]
-    w0 = jnp.broadcast_to(down_kernel(params, layer).astype(jnp.float32), (n,) + down_kernel(params, layer).shape)
+    kernel = down_kernel(params, layer)
+    w0 = jnp.broadcast_to(kernel.astype(jnp.float32), (n,) + kernel.shape)
     read_at = jnp.take_along_axis(pk.flat, reads.pos, axis=1)  # [n, K] flat slots of the reads
 
     def losses(w):
@@ -163,9 +173,7 @@ def _optimise_packed(params, cfg: ModelConfig, hp: FTConfig, pk: _Packing, reads
         h = base.at[pk.flat].add((delta * pk.valid[..., None]).astype(base.dtype)).reshape(rows, width, -1)
         h = forward(params, cfg, None, attn_mask=mask, positions=pk.positions, start_layer=layer + 1, hidden=h,
                     return_logits=False).hidden
-        logits = unembed(params, cfg, jnp.take(flat(h), read_at, axis=0))  # [n, K, V]
-        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), reads.tok[..., None], axis=-1)[..., 0]
-        per = (nll * reads.mask).sum(-1) / jnp.maximum(reads.mask.sum(-1), 1)  # `mean_per_request` of one row
+        per = per_row_mean(token_nll_at(params, cfg, jnp.take(flat(h), read_at, axis=0), reads.tok), reads.mask)
         return per.sum(), per  # requests are independent: d(sum)/d(W_r) is request r's own gradient
 
     opt = optax.chain(optax.add_decayed_weights(hp.weight_decay), optax.adam(hp.lr))
