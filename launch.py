@@ -36,6 +36,8 @@ flags.DEFINE_enum("evaluation", "both", ["wild", "synthetic", "both"], "evaluati
 flags.DEFINE_enum("context_type", "chat_temp", ["question-only", "qa_inst", "chat_temp"], "WILD input wrapping")
 flags.DEFINE_integer("max_new_tokens", 50, "WILD generation budget")
 flags.DEFINE_enum("stop_rule", "improved", ["seed", "improved"], "WILD answer end: paper's rule or ours")
+flags.DEFINE_integer("wild_batch_size", None, "WILD: questions per generation batch (default: up to 128, "
+                     "fewer where one batch's KV cache would pass 4 GiB, e.g. 32 for a 7B Llama-2)", lower_bound=1)
 cli.define_judge_flags()
 flags.DEFINE_string("output_dir", "out", "results directory")
 flags.DEFINE_bool("resume", False, "continue a killed run with the same settings")
@@ -92,7 +94,7 @@ def main(argv):
         method=method.name, model_name=model.name, dataset=FLAGS.dataset, data_path=data.path,
         edit_mode=FLAGS.edit_mode, batch_size=FLAGS.batch_size, evaluation=FLAGS.evaluation,
         wild=WildConfig(context_type=FLAGS.context_type, max_new_tokens=FLAGS.max_new_tokens,
-                        stop_rule=FLAGS.stop_rule),
+                        stop_rule=FLAGS.stop_rule, batch_size=FLAGS.wild_batch_size),
         output_dir=FLAGS.output_dir, resume=FLAGS.resume, eval_at=tuple(int(n) for n in FLAGS.eval_at),
         checkpoint_every=FLAGS.checkpoint_every, stack_edits=FLAGS.stack_edits,
     )

@@ -165,29 +165,37 @@ def _prefill_rows(params: Params, cfg: ModelConfig, tokens: jax.Array, mask: jax
                   prompt_len: jax.Array, prefix: KVCache | None, start: int,
                   row0: jax.Array) -> tuple[KVCache, jax.Array]:
     """`_prefill` of the rows ``[row0, row0 + R)`` of the batch's cache only (R = len(tokens)): one
-    member of an edit stack, on that member's own params, its rest in its own (shorter) bucket."""
+    block of `_prefill_blocks` (an edit stack's member on its own params), in its own bucket."""
     rows = tokens.shape[0]
     part = jax.tree_util.tree_map(lambda c: jax.lax.dynamic_slice_in_dim(c, row0, rows, 0), cache)
     part, nxt, _ = _prefill_impl(params, cfg, tokens, mask, part, prompt_len, prefix, start)
     return jax.tree_util.tree_map(lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, x, row0, 0), cache, part), nxt
 
 
-def _member_blocks(rows: Sequence[Sequence[int]], slots: Sequence[int], batch: int, members: int, shared: int,
-                   rest_slots: int) -> list[tuple[int, int]] | None:
-    """Per edit-stack member with prompts: (its first row, its rest bucket), where prefilling each
-    member's rows in its own bucket (`_prefill_rows`) halves the prefilled positions or better; None:
-    one prefill for the batch. A stack's members are laid out member-major with every member's
-    prompts padded to the longest of *all* members, so one call prefills up to the longest prompt
-    for every row (QAEdit, 16 members: [128, 96] where the members' own buckets are 16-64)."""
-    if members < 2:
-        return None
-    per = batch // members
-    longest = {}
+PREFILL_BLOCK = 32  # rows of a plain batch prefilled in one call when blocks pay (see `_prefill_blocks`)
+
+
+def _prefill_blocks(rows: Sequence[Sequence[int]], slots: Sequence[int], batch: int, block: int, shared: int,
+                    rest_slots: int) -> list[tuple[int, int]]:
+    """How to prefill the batch: (first row, rest width) per call. Each prompt's rest (after a
+    `shared` prefix) lies right-aligned in `rest_slots` columns; a call prefills only the last
+    `width` of them (the columns before hold padding in every one of its rows), so the width is the
+    bucket of its longest rest, not the layout's slots (a 24-token shared prefix and a 62-token rest
+    made a 96-column rest where 64 hold every token). Blocks of `block` rows -- a plain batch's
+    prompts come sorted by length, an edit stack's member-major, one member per block (its own
+    params) -- each prefill in their own bucket when that saves a quarter of the positions or more;
+    else one call for the batch (a block costs a call, and cold a compiled program of its own).
+    112 chat-template questions of QAEdit at batch 128: 4608 prefilled positions where one call
+    took 12288 (8192 with the width of its longest rest)."""
+    longest: dict[int, int] = {}
     for r, slot in zip(rows, slots):
-        m = slot // per
-        longest[m] = max(longest.get(m, 0), len(r) - shared)
-    blocks = [(m * per, min(bucket(n), rest_slots)) for m, n in sorted(longest.items())]
-    return blocks if 2 * per * sum(w for _, w in blocks) <= batch * rest_slots else None
+        longest[slot // block] = max(longest.get(slot // block, 0), len(r) - shared)
+    width = lambda n: min(bucket(n), rest_slots)  # noqa: E731
+    blocks = [(j * block, width(n)) for j, n in sorted(longest.items())]
+    whole = width(max(longest.values()))
+    if len(blocks) > 1 and 4 * block * sum(w for _, w in blocks) <= 3 * batch * whole:
+        return blocks
+    return [(0, whole)]
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
@@ -288,6 +296,27 @@ def encode_prompts(tokenizer, prompts: Sequence[str], add_special_tokens: bool =
     return out
 
 
+MAX_BATCH = 128  # rows of a generation batch at most, when the caller names none (see `default_batch`)
+KV_BUDGET = 4 * 1024**3  # bytes of one batch's KV cache at most, when the caller names no batch size
+
+
+def default_batch(cfg: ModelConfig, dtype: Any, max_new_tokens: int, prompt_slots: int = 128) -> int:
+    """Rows of a generation batch when the caller names none: `MAX_BATCH`, halved (down to 8) until
+    the KV cache of `prompt_slots` + the new tokens' slots fits `KV_BUDGET`. Why as many as 128: a
+    decode step of 128 rows costs less than four of 32 (the weights are read once per step, the
+    one-token attention is cheap), on a CPU too: the default model's pre-edit pass of QAEdit 0-19
+    (140 questions, chat_temp) decodes in 17.4 s at 128 vs 20.2-21.1 s at 32 (BUILD_NOTES). Why a
+    budget: a 7B Llama-2 (no grouped KV heads) caches ~100 MB a row at 192 slots in bf16, 13 GB at
+    128 rows beside its 13 GB of weights -- it gets 32 rows, what every model got before; the
+    default model (~9 MB a row in float32) and Llama-3-8B (8 KV heads) get 128."""
+    per_row = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * np.dtype(dtype).itemsize * \
+        (prompt_slots + bucket(max_new_tokens, 16))
+    rows = MAX_BATCH
+    while rows > 8 and rows * per_row > KV_BUDGET:
+        rows //= 2
+    return rows
+
+
 def generate_ids(
     params: Any,
     cfg: ModelConfig,
@@ -297,7 +326,7 @@ def generate_ids(
     max_new_tokens: int = 50,
     stop_strings: Sequence[str] = (),
     stop_fn: StopFn | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     chunk: int = 16,
     members: Sequence[int] | None = None,
     stop_chars: str = "",
@@ -311,9 +340,11 @@ def generate_ids(
     text (`Model.token_texts`, decoded once per model), else the vocabulary is decoded here (~0.2 s).
     `members`: with an `EditStack` as params, the stacked edit each prompt is answered by; one
     batch then holds up to `batch_size` prompts of every member (ignored for plain params).
+    `batch_size` None: `default_batch`.
     """
     if max_new_tokens < 1:
         raise GenerationError("max_new_tokens must be >= 1")
+    batch_size = batch_size or default_batch(cfg, params_dtype(params), max_new_tokens)
     stop_ids = jnp.asarray(cfg.eos_token_ids or (-1,), jnp.int32)
     chars = stop_chars_of(stop_strings) + stop_chars
     if chars and token_texts is None:
@@ -466,19 +497,23 @@ def _generate_batch(
         cache = jax.device_put(cache, sharding.cache_sharding(mesh, cfg, b))
     prompt_len = jnp.asarray(mask[:, :p].sum(-1).astype(np.int32))
     prefix_kv = _prefix_cache(params, cfg, jnp.asarray(prefix), jnp.asarray(prefix_mask)) if shared else None
-    blocks = None if mesh is not None or has_adapters(_structure(params)) else \
-        _member_blocks(rows, slots, b, k, shared, p - pk)
-    if blocks is None:
-        cache, nxt, routes = _prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(mask), cache, prompt_len,
-                                      prefix_kv, pk)
-    else:  # each member of the stack on its own params, its rest in its own bucket (`_member_blocks`)
-        per, nxt, routes = b // k, jnp.zeros((b,), jnp.int32), {}
+    # blocks of rows, each in its own bucket: not on a mesh (rows split across devices), nor with
+    # adapters (their routing looks at the whole call's last prompt token)
+    by = b // k if k > 1 else PREFILL_BLOCK
+    blocks = [(0, p - pk)] if mesh is not None or has_adapters(_structure(params)) else \
+        _prefill_blocks(rows, slots, b, by, shared, p - pk)
+    if len(blocks) == 1:
+        width = blocks[0][1]
+        cache, nxt, routes = _prefill(params, cfg, jnp.asarray(tokens[:, -width:]), jnp.asarray(mask), cache,
+                                      prompt_len, prefix_kv, p - width)
+    else:  # each block on its params (a stack member's own), its rest in its own bucket
+        nxt, routes = jnp.zeros((b,), jnp.int32), {}
         for row0, width in blocks:
-            m, rows_m = row0 // per, slice(row0, row0 + per)
+            m, rows_m = row0 // by if k > 1 else 0, slice(row0, row0 + by)
             part = None if prefix_kv is None else jax.tree_util.tree_map(lambda x: x[m : m + 1], prefix_kv)  # noqa: B023
-            cache, first = _prefill_rows(params.member(m), cfg, jnp.asarray(tokens[rows_m, -width:]),
-                                         jnp.asarray(mask[rows_m]), cache, prompt_len[rows_m], part, p - width,
-                                         jnp.int32(row0))
+            cache, first = _prefill_rows(params.member(m) if k > 1 else params, cfg,
+                                         jnp.asarray(tokens[rows_m, -width:]), jnp.asarray(mask[rows_m]), cache,
+                                         prompt_len[rows_m], part, p - width, jnp.int32(row0))
             nxt = nxt.at[rows_m].set(first)
     state = DecodeState(step=jnp.int32(0), next_token=nxt, out=jnp.full((b, new_bucket), -1, jnp.int32),
                         done=jnp.asarray(~np.isin(np.arange(b), slots)), mask=jnp.asarray(mask),
@@ -582,10 +617,11 @@ def generate(
     stop_strings: Sequence[str] = (),
     stop_fn: StopFn | None = None,
     add_special_tokens: bool = True,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     chunk: int = 16,
 ) -> list[Generation]:
-    """Greedy continuation of each prompt string with a loaded `Model`."""
+    """Greedy continuation of each prompt string with a loaded `Model` (`batch_size` None:
+    `default_batch`)."""
     ids = encode_prompts(model.tokenizer, prompts, add_special_tokens)
     return generate_ids(model.params, model.cfg, model.tokenizer, ids, max_new_tokens=max_new_tokens,
                         stop_strings=stop_strings, stop_fn=stop_fn, batch_size=batch_size, chunk=chunk)

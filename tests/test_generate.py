@@ -205,3 +205,51 @@ def test_a_stop_character_brings_the_host_check_forward(tiny, monkeypatch):
     assert got == want and int(exits[-1][1].step) == first + 1, [int(s.step) for _, s in exits]
     assert gen.generate_ids(params, cfg, tok, [[5, 6, 7]], stop_chars="t", **kw) == want  # every token checked
     assert gen.stop_chars_of(["ab", ".", ""]) == "b."
+
+
+@pytest.mark.parametrize("head", [0, 12])
+def test_a_plain_batch_prefills_blocks_of_sorted_rows_in_their_own_buckets(tiny, monkeypatch, head):
+    """Six short prompts and two of ~40 tokens in one batch of 8, blocks of 2 rows: sorted by length,
+    the short blocks prefill 16 columns and only the long block its wide bucket (`_prefill_rows`,
+    4 calls), with and without a shared prefix -- and every generation equals the prompt's alone.
+    Planted bugs caught: every block's first tokens taken from row 0's block; a block's rest put at
+    the start of the prompt slots instead of the end."""
+    _, cfg, params, tok = tiny
+    rng = np.random.default_rng(7)
+    lead = [int(t) for t in rng.integers(2, 128, size=head)]
+    rows = [lead + [int(t) for t in rng.integers(2, 128, size=n)] for n in (3, 40, 5, 1, 38, 7, 2, 4)]
+    monkeypatch.setattr(gen, "PREFILL_BLOCK", 2)
+    calls, fn = [], gen._prefill_rows
+    monkeypatch.setattr(gen, "_prefill_rows", lambda *a: calls.append(a[2].shape) or fn(*a))
+    got = gen.generate_ids(params, cfg, tok, rows, max_new_tokens=MAX_NEW, batch_size=8, chunk=5)
+    assert [w for _, w in calls] == [16, 16, 16, 64 if head == 0 else 48], calls  # 48: a 16-slot prefix + 48
+    want = [gen.generate_ids(params, cfg, tok, [r], max_new_tokens=MAX_NEW, batch_size=1)[0] for r in rows]
+    assert got == want
+    assert len({g.ids for g in want}) >= 2  # the premise: the prompts lead to different answers
+
+
+def test_prefill_blocks_pay_or_the_batch_prefills_at_once():
+    """`_prefill_blocks`: per-block buckets where they save a quarter of the positions, else one call -- its
+    width the bucket of the longest rest, never the layout's wider rest slots."""
+    rows = [[1] * n for n in (3, 4, 5, 6, 20, 40)]
+    assert gen._prefill_blocks(rows, range(6), 8, 2, 0, 64) == [(0, 16), (2, 16), (4, 64)]  # 2*96 <= 3/4 of 8*64
+    longer = [[1] * n for n in (3, 17, 18, 20)]
+    assert gen._prefill_blocks(longer, range(4), 4, 2, 0, 64) == [(0, 32)]  # 2*64 > 3/4 of 4*32: one call
+    assert gen._prefill_blocks(rows[:4], range(4), 4, 2, 0, 96) == [(0, 16)]  # 96 rest slots, 16 used
+    assert gen._prefill_blocks([[1] * 30, [1] * 9], [0, 6], 8, 2, 5, 32) == [(0, 32), (6, 16)]  # a prefix of 5
+
+
+def test_the_default_batch_fits_the_cache_budget():
+    """`default_batch`: 128 rows where one batch's KV cache stays within `KV_BUDGET` (4 GiB), halved
+    where it would not (a 7B Llama-2 in bf16: 32 rows, what every model got before; float32: 16)."""
+    import jax.numpy as jnp
+
+    from mirage_jax.model.memory import MODELS
+    models = dict(MODELS)
+    assert gen.default_batch(models["Llama-2-7B"], jnp.bfloat16, 50) == 32
+    assert gen.default_batch(models["Llama-2-7B"], jnp.float32, 50) == 16
+    assert gen.default_batch(models["Llama-3-8B"], jnp.bfloat16, 50) == 128  # 8 KV heads
+    assert gen.default_batch(models["Llama-2-7B"], jnp.bfloat16, 1000) == 8  # the floor
+    cfg = models["Llama-2-7B"]
+    per_row = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2 * (128 + 64)
+    assert 32 * per_row <= gen.KV_BUDGET < 64 * per_row

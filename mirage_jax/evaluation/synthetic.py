@@ -71,7 +71,7 @@ def predicted_target_tokens(
             batches.append(([at.get(slot, r[0][0]) for slot in range(params.size * per)], [slot for _, slot in r],
                             [i for i, _ in r]))
     else:
-        chunks = [list(range(s, min(s + batch_size, len(prompts)))) for s in range(0, len(prompts), batch_size)]
+        chunks = _by_length(_lengths(tokenizer, prompts, targets, add_special_tokens), batch_size)
         batches = [(rows, list(range(len(rows))), rows) for rows in chunks]
     out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(prompts)
     for rows, slots, items in batches:
@@ -86,20 +86,32 @@ def predicted_target_tokens(
     return out  # type: ignore[return-value]
 
 
+def _lengths(tokenizer: Any, prompts: Sequence[str], targets: Sequence[str], add_special_tokens: bool) -> list[int]:
+    """Tokens of each ``prompt + target`` row, as `make_batch` builds it."""
+    return [len(split_prompt_target(tokenizer, p, t, add_special_tokens)[0]) for p, t in zip(prompts, targets)]
+
+
+def _by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Sample indices in batches of `batch_size`, sorted by length: a batch is padded to its longest
+    row's bucket, and the pass is compute-bound on a CPU (the default model's pre-edit scores of
+    QAEdit 0-19, 140 rows: 12.4 s in input order, 9.2 s sorted)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+
+
 def _member_by_member(tokenizer: Any, prompts: Sequence[str], targets: Sequence[str], add_special_tokens: bool,
                       members: Sequence[int], size: int, batch_size: int) -> bool:
     """Whether an edit stack's samples are better scored member by member (each on its own params,
     in its own row bucket): when that halves the positions of one stacked pass, which pads every
     member's rows to the longest sample of all (QAEdit, 16 members: [128, 64] where one by one
     ~16 x [8, 32]). A teacher-forced pass is compute-bound on a CPU: the stacked rows bought nothing."""
-    lengths = [len(split_prompt_target(tokenizer, p, t, add_special_tokens)[0]) for p, t in zip(prompts, targets)]
+    lengths = _lengths(tokenizer, prompts, targets, add_special_tokens)
     per, rounds = stack.layout(members, size, len(prompts), batch_size)
     stacked = len(rounds) * size * per * bucket(max(lengths))
     alone = 0
     for m in set(members):
         mine = [n for n, owner in zip(lengths, members) if owner == m]
-        alone += sum(bucket(len(mine[s : s + batch_size]), 1) * bucket(max(mine[s : s + batch_size]))
-                     for s in range(0, len(mine), batch_size))
+        alone += sum(bucket(len(rows), 1) * bucket(max(mine[i] for i in rows)) for rows in _by_length(mine, batch_size))
     return 2 * alone <= stacked
 
 

@@ -21,7 +21,7 @@ class WildConfig:
     context_type: str = "question-only"  # 'question-only', 'qa_inst' or 'chat_temp'
     max_new_tokens: int = 50  # the paper's budget
     stop_rule: str = "improved"  # 'seed' (the paper's "." / "\n" / EOS) or 'improved'
-    batch_size: int = 32  # prompts per generation batch
+    batch_size: int | None = None  # prompts per generation batch; None: `generate.default_batch`
 
 
 @dataclasses.dataclass(frozen=True)
