@@ -64,7 +64,7 @@ from mirage_jax.model.transformer import (
     positions_from_mask,
     unembed,
 )
-from mirage_jax.tokens import bucket, vocab_texts
+from mirage_jax.tokens import bucket, split_pays, vocab_texts
 
 StopFn = Callable[[str], bool]
 
@@ -183,17 +183,16 @@ def _prefill_blocks(rows: Sequence[Sequence[int]], slots: Sequence[int], batch: 
     bucket of its longest rest, not the layout's slots (a 24-token shared prefix and a 62-token rest
     made a 96-column rest where 64 hold every token). Blocks of `block` rows -- a plain batch's
     prompts come sorted by length, an edit stack's member-major, one member per block (its own
-    params) -- each prefill in their own bucket when that saves a quarter of the positions or more;
-    else one call for the batch (a block costs a call, and cold a compiled program of its own).
-    112 chat-template questions of QAEdit at batch 128: 4608 prefilled positions where one call
-    took 12288 (8192 with the width of its longest rest)."""
+    params) -- each prefill in their own bucket where that pays (`split_pays`); else one call for
+    the batch. 112 chat-template questions of QAEdit at batch 128: 4608 prefilled positions where
+    one call took 12288 (8192 with the width of its longest rest)."""
     longest: dict[int, int] = {}
     for r, slot in zip(rows, slots):
         longest[slot // block] = max(longest.get(slot // block, 0), len(r) - shared)
     width = lambda n: min(bucket(n), rest_slots)  # noqa: E731
     blocks = [(j * block, width(n)) for j, n in sorted(longest.items())]
     whole = width(max(longest.values()))
-    if len(blocks) > 1 and 4 * block * sum(w for _, w in blocks) <= 3 * batch * whole:
+    if len(blocks) > 1 and split_pays(block * sum(w for _, w in blocks), batch * whole):
         return blocks
     return [(0, whole)]
 

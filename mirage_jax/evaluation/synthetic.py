@@ -27,7 +27,7 @@ from mirage_jax.model import stack
 from mirage_jax.model.config import ModelConfig
 from mirage_jax.model.stack import EditStack
 from mirage_jax.model.transformer import forward, unembed
-from mirage_jax.tokens import bucket, make_batch, split_prompt_target
+from mirage_jax.tokens import bucket, make_batch, split_pays, split_prompt_target
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
@@ -102,7 +102,7 @@ def _by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
 def _member_by_member(tokenizer: Any, prompts: Sequence[str], targets: Sequence[str], add_special_tokens: bool,
                       members: Sequence[int], size: int, batch_size: int) -> bool:
     """Whether an edit stack's samples are better scored member by member (each on its own params,
-    in its own row bucket): when that halves the positions of one stacked pass, which pads every
+    in its own row bucket): where that pays (`split_pays`) over one stacked pass, which pads every
     member's rows to the longest sample of all (QAEdit, 16 members: [128, 64] where one by one
     ~16 x [8, 32]). A teacher-forced pass is compute-bound on a CPU: the stacked rows bought nothing."""
     lengths = _lengths(tokenizer, prompts, targets, add_special_tokens)
@@ -112,7 +112,7 @@ def _member_by_member(tokenizer: Any, prompts: Sequence[str], targets: Sequence[
     for m in set(members):
         mine = [n for n, owner in zip(lengths, members) if owner == m]
         alone += sum(bucket(len(rows), 1) * bucket(max(mine[i] for i in rows)) for rows in _by_length(mine, batch_size))
-    return 2 * alone <= stacked
+    return split_pays(alone, stacked)
 
 
 def token_accuracy(params, cfg, tokenizer, prompts, targets, batch_size: int = 32,
