@@ -54,6 +54,7 @@ from mirage_jax import distributed
 from mirage_jax.model import sharding, stack
 from mirage_jax.model.adapters import has_adapters
 from mirage_jax.model.config import ModelConfig
+from mirage_jax.model.memory import kv_cache_bytes
 from mirage_jax.model.stack import EditStack
 from mirage_jax.model.transformer import (
     KVCache,
@@ -308,8 +309,7 @@ def default_batch(cfg: ModelConfig, dtype: Any, max_new_tokens: int, prompt_slot
     budget: a 7B Llama-2 (no grouped KV heads) caches ~100 MB a row at 192 slots in bf16, 13 GB at
     128 rows beside its 13 GB of weights -- it gets 32 rows, what every model got before; the
     default model (~9 MB a row in float32) and Llama-3-8B (8 KV heads) get 128."""
-    per_row = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * np.dtype(dtype).itemsize * \
-        (prompt_slots + bucket(max_new_tokens, 16))
+    per_row = kv_cache_bytes(cfg, 1, prompt_slots + bucket(max_new_tokens, 16), dtype)
     rows = MAX_BATCH
     while rows > 8 and rows * per_row > KV_BUDGET:
         rows //= 2

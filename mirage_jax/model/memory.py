@@ -80,6 +80,13 @@ def _shard_bytes(shape: Sequence[int], dtype: Any, spec: Any, mesh: Any) -> int:
     return per * np.dtype(dtype).itemsize
 
 
+def kv_cache_bytes(cfg: ModelConfig, rows: int, seq: int, dtype: Any, kv_heads: int | None = None) -> int:
+    """Bytes of generation's KV cache (keys and values of every layer) for `rows` x `seq` slots;
+    `kv_heads`: the KV heads held (a device's share on a mesh), by default all of them."""
+    heads = cfg.num_kv_heads if kv_heads is None else kv_heads
+    return 2 * cfg.num_layers * rows * seq * heads * cfg.head_dim * np.dtype(dtype).itemsize
+
+
 @dataclasses.dataclass(frozen=True)
 class Footprint:
     params: int
@@ -103,7 +110,7 @@ def footprint(cfg: ModelConfig, mesh: Any, dtype: Any = jnp.bfloat16, batch: int
     rows = batch if batch % sharding.batch_axis_size(mesh, rules) else batch // sharding.batch_axis_size(mesh, rules)
     heads = sharding.spec_for("kv_cache", (cfg.num_kv_heads,), ("kv_heads",), mesh, rules, cfg, warned=set())[0]
     kv_heads = cfg.num_kv_heads // (mesh.shape[heads] if heads else 1)
-    kv = 2 * cfg.num_layers * rows * seq * kv_heads * cfg.head_dim * np.dtype(dtype).itemsize
+    kv = kv_cache_bytes(cfg, rows, seq, dtype, kv_heads)
     f, d = cfg.intermediate_size, cfg.hidden_size
     solver = 2 * f * f * 4  # C and its factor, float32, one layer, whole on the device that solves
     mlp = (3 if cfg.gated_mlp else 2) * d * f
