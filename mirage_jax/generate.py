@@ -26,7 +26,9 @@ Why it is built this way:
   the tokenizer, and sends back `done` with the rows whose text has stopped.
 * Compaction. Answers end at very different steps (on the default model most by ~27 tokens, some
   at the 50-token budget), and a finished row still costs a forward per step. Once at most half
-  the batch runs, the host gathers the running rows into the next smaller bucket (`_compaction`).
+  the batch runs, and the rows dropped save more than the gather costs, the host gathers the
+  running rows into the next smaller bucket (`_compaction`; an edit stack's member with many
+  running rows may take several member slots).
 * Shared prefix. Prompts under a chat template or an instruction start with the same tokens (the
   default model's system turn: 24 of its ~45 prompt tokens), so `_prefix_cache` runs that prefix
   once (one row per stacked edit) and `_prefill` copies its keys / values to every row and prefills
@@ -539,8 +541,8 @@ def _generate_batch(
         state = state._replace(done=jnp.asarray(done))
         if done.all():
             break
-        worth = mesh is None and max_new - step > chunk  # rows that are done would keep costing a full step
-        plan = _compaction(done, params.size if isinstance(params, EditStack) else 1) if worth else None
+        plan = None if mesh is not None else _compaction(  # done rows would keep costing a full step
+            done, params.size if isinstance(params, EditStack) else 1, max_new - step)
         if plan is not None:
             out = distributed.fetch(state.out) if out is None else out
             for i in np.nonzero(row_of >= 0)[0]:
@@ -555,6 +557,9 @@ def _generate_batch(
 
 
 MIN_COMPACT_ROWS = 8  # the smallest batch a compaction makes (see `_compaction`)
+# The least a compaction must save, in rows x steps left: gathering the cache costs about a step, a
+# new batch size one more program. 128 -> 64 rows with 16 steps left saves ~2 s on a CPU.
+MIN_SAVED_ROW_STEPS = 256
 
 
 class _Plan(NamedTuple):
@@ -563,31 +568,60 @@ class _Plan(NamedTuple):
     done: np.ndarray  # [new batch] bool: filler rows
 
 
-def _compaction(done: np.ndarray, k: int) -> _Plan | None:
-    """A batch for the rows still running, when it has at most half the rows: most answers end well
-    before the longest (on the default model under chat_temp ~27 of 50 tokens), and every done row
-    would otherwise cost a full forward per step. With an edit stack (`k` members, rows member-major)
-    the members without running rows go too, and each member keeps the same number of rows. Batch
-    and member counts stay powers of two, so a few programs serve every compaction, and a batch
-    never shrinks below `MIN_COMPACT_ROWS`: every new batch size is one more compiled decode loop
-    (~2 s on a CPU), which a per-sample WILD batch of ~7 rows never earned back in a 20-sample run
-    (11 decode programs where 4 served before compaction), while under ~8 rows a step on a GPU /
-    TPU is bound by reading the weights, not by the rows."""
+def _compaction(done: np.ndarray, k: int, steps_left: int) -> _Plan | None:
+    """A batch for the rows still running, when it has at most half the rows and the rows it drops
+    would have cost at least `MIN_SAVED_ROW_STEPS` over the steps left: most answers end well before
+    the longest (on the default model under chat_temp ~27 of 50 tokens), and every done row would
+    otherwise cost a full forward per step. Batch and member counts stay powers of two, so a few
+    programs serve every compaction, and a batch never shrinks below `MIN_COMPACT_ROWS`: every new
+    batch size is one more compiled decode loop (~2 s on a CPU), which a per-sample WILD batch of ~7
+    rows never earned back in a 20-sample run (11 decode programs where 4 served before compaction),
+    while under ~8 rows a step on a GPU / TPU is bound by reading the weights, not by the rows.
+
+    With an edit stack (`k` members, rows member-major) the members without running rows go, and a
+    member with more running rows than the new rows per member is split over several member slots
+    (its stacked leaves repeated; `_compact_shape`). Without the split one member with 5 running
+    rows kept 8 rows for every member: a stack of 16 members x 8 rows ran all 50 steps at
+    128 rows with 10 of them running at the end (QAEdit, FT-M)."""
     per = len(done) // k
-    running = (~done).reshape(k, per)
-    members = np.nonzero(running.any(1))[0]
-    new_per, new_k = bucket(int(running.sum(1).max()), 1), bucket(len(members), 1)
-    new_per = max(new_per, min(per, MIN_COMPACT_ROWS // new_k))  # filler rows up to the floor
-    if 2 * new_k * new_per > len(done):
+    counts = (~done).reshape(k, per).sum(1)
+    new_k, new_per = _compact_shape(counts, per, min(len(done), MIN_COMPACT_ROWS))
+    rows_new = new_k * new_per
+    if 2 * rows_new > len(done) or (len(done) - rows_new) * steps_left < MIN_SAVED_ROW_STEPS:
         return None
-    src_members = np.concatenate([members, np.repeat(members[:1], new_k - len(members))])
-    rows = np.repeat(src_members * per, new_per)  # filler rows: the member's first row
-    new_done = np.ones(new_k * new_per, bool)
-    for j, m in enumerate(members):
-        live = np.nonzero(running[m])[0] + m * per
-        rows[j * new_per : j * new_per + len(live)] = live
-        new_done[j * new_per : j * new_per + len(live)] = False
-    return _Plan(rows, src_members, new_done)
+    rows = np.zeros(rows_new, np.int64)
+    members = np.zeros(new_k, np.int64)
+    new_done = np.ones(rows_new, bool)
+    slot = 0
+    for m in np.nonzero(counts)[0]:
+        live = np.nonzero(~done[m * per : (m + 1) * per])[0] + m * per
+        for s in range(0, len(live), new_per):
+            part = live[s : s + new_per]
+            members[slot] = m
+            rows[slot * new_per : (slot + 1) * new_per] = m * per  # filler rows: the member's first row
+            rows[slot * new_per : slot * new_per + len(part)] = part
+            new_done[slot * new_per : slot * new_per + len(part)] = False
+            slot += 1
+    first = int(np.nonzero(counts)[0][0])  # filler members repeat the first running one
+    members[slot:] = first
+    for j in range(slot, new_k):
+        rows[j * new_per : (j + 1) * new_per] = first * per
+    return _Plan(rows, members, new_done)
+
+
+def _compact_shape(counts: np.ndarray, per: int, floor: int) -> tuple[int, int]:
+    """(members, rows per member) of the fewest rows, at least `floor`, that hold `counts[m]` running
+    rows of each member m: powers of two, at most as many member slots as the stack's bucket; of
+    equal row counts the one with more rows per member (fewer copies of stacked leaves)."""
+    if len(counts) == 1:  # plain params: one block of rows
+        return 1, max(bucket(int(counts[0]), 1), floor)
+    shapes = []
+    for q in (1 << i for i in range(per.bit_length())):  # rows per member: the powers of two <= per
+        k = max(bucket(sum(-(-int(c) // q) for c in counts), 1), -(-floor // q))  # filler members to the floor
+        if k <= bucket(len(counts), 1):
+            shapes.append((k * q, -q, k))
+    _, neg_q, k = min(shapes)
+    return k, -neg_q
 
 
 def _compact(params: Any, cache: KVCache, state: DecodeState, row_of: np.ndarray,

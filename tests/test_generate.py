@@ -118,6 +118,7 @@ def test_rows_that_finish_early_are_compacted_away_without_changing_any_answer(t
     compact = gen._compact
     monkeypatch.setattr(gen, "_compact", lambda *a: calls.append(a[-1].rows.size) or compact(*a))
     monkeypatch.setattr(gen, "MIN_COMPACT_ROWS", 1)  # the mechanics, on a batch of 8
+    monkeypatch.setattr(gen, "MIN_SAVED_ROW_STEPS", 0)
     got = gen.generate_ids(params, cfg, tok, rows, **kw)
     assert len(calls) >= 2 and calls[-1] <= 2, calls
     monkeypatch.setattr(gen, "_compaction", lambda *a: None)
@@ -128,18 +129,33 @@ def test_rows_that_finish_early_are_compacted_away_without_changing_any_answer(t
 
 def test_compaction_never_makes_a_batch_smaller_than_the_floor():
     """Each new batch size is one more compiled decode loop: small batches are left alone, a big
-    one shrinks only down to `MIN_COMPACT_ROWS` (filler rows marked done), members stay whole."""
+    one shrinks only down to `MIN_COMPACT_ROWS` (filler rows marked done)."""
     floor = gen.MIN_COMPACT_ROWS
     one_running = np.ones(64, bool)
     one_running[5] = False
-    plan = gen._compaction(one_running, 1)
+    plan = gen._compaction(one_running, 1, 50)
     assert plan.rows.size == floor and plan.rows[0] == 5 and plan.done.sum() == floor - 1
-    assert gen._compaction(one_running[:floor], 1) is None  # a batch at the floor is never compacted
+    assert gen._compaction(one_running[:floor], 1, 50) is None  # a batch at the floor is never compacted
     done = np.ones(64, bool)
     done[[1, 17]] = False  # 4 members of 16 rows: members 0 and 1 each keep one running row
-    plan = gen._compaction(done, 4)
+    plan = gen._compaction(done, 4, 50)
     assert plan.rows.size == floor and list(plan.members) == [0, 1]
     assert [int(r) for r, d in zip(plan.rows, plan.done) if not d] == [1, 17]
+
+
+def test_compaction_splits_a_member_over_slots_and_pays_for_itself():
+    """A stack of 4 members x 8 rows with 5 / 1 / 1 / 0 running: 8 rows per member would keep all 32
+    rows; 4 per member with member 0 in two slots makes 16 (the stacked leaves never grow past 4
+    members). A compaction that saves fewer than `MIN_SAVED_ROW_STEPS` row-steps is not made."""
+    done = np.ones(32, bool)
+    done[[0, 2, 3, 5, 7, 9, 20]] = False  # member 0: rows 0-7 (5 running), member 1: 9, member 2: 20
+    steps = -(-gen.MIN_SAVED_ROW_STEPS // 16)  # 16 rows dropped
+    plan = gen._compaction(done, 4, steps)
+    assert list(plan.members) == [0, 0, 1, 2] and plan.rows.size == 16
+    running = [int(r) for r, d in zip(plan.rows, plan.done) if not d]
+    assert running == [0, 2, 3, 5, 7, 9, 20]
+    assert all(plan.rows[j] // 8 == plan.members[j // 4] for j in range(16))  # every row on its own member
+    assert gen._compaction(done, 4, steps - 1) is None
 
 
 def _counting(monkeypatch, name: str) -> list:

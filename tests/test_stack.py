@@ -122,6 +122,7 @@ def test_generation_of_a_stack_is_each_members_generation(tiny, kind, monkeypatc
     compact = gen._compact
     monkeypatch.setattr(gen, "_compact", lambda *a: compactions.append(a[-1].members.size) or compact(*a))
     monkeypatch.setattr(gen, "MIN_COMPACT_ROWS", 1)  # the mechanics, on batches of a few rows
+    monkeypatch.setattr(gen, "MIN_SAVED_ROW_STEPS", 0)
     got = gen.generate_ids(st, tiny.cfg, tiny.tokenizer, prompts, members=owner, **kw)
     assert compactions and min(compactions) < 4, compactions  # the stack of 4 lost its finished members
     for m, params in enumerate(members):
@@ -130,6 +131,33 @@ def test_generation_of_a_stack_is_each_members_generation(tiny, kind, monkeypatc
         assert [got[i] for i in mine] == want, m
     alone = gen.generate_ids(members[2], tiny.cfg, tiny.tokenizer, [prompts[0]], **kw)
     assert alone[0].ids != got[0].ids  # the premise: another member answers the same prompt otherwise
+
+
+def test_a_compaction_may_split_a_member_over_slots_and_changes_no_generation(tiny, monkeypatch):
+    """Member 0 answers four prompts, the others one each (4 x 4 rows): as rows end, compactions put
+    member 0's running rows into several member slots (its leaves repeated) -- and every generation
+    still equals the member's alone. Planted bug caught: a split slot given the next member's leaves."""
+    members = [_rank_one(tiny, s) for s in range(4)]
+    st = stack.build(tiny.params, members)
+    prompts = _ids(tiny, TEXTS)
+    owner = [0, 0, 0, 0, 1, 2, 3]
+    kw = dict(max_new_tokens=24, batch_size=4, chunk=2, stop_fn=_stops_at_a_multiple_of_5)
+    plans, compaction = [], gen._compaction
+    monkeypatch.setattr(gen, "_compaction", lambda *a: plans.append(compaction(*a)) or plans[-1])
+    monkeypatch.setattr(gen, "MIN_COMPACT_ROWS", 1)
+    monkeypatch.setattr(gen, "MIN_SAVED_ROW_STEPS", 0)
+    got = gen.generate_ids(st, tiny.cfg, tiny.tokenizer, prompts, members=owner, **kw)
+
+    def split(plan) -> bool:  # a member in two slots that both hold a running row
+        q = plan.rows.size // plan.members.size
+        live = [m for j, m in enumerate(plan.members) if not plan.done[j * q : (j + 1) * q].all()]
+        return len(live) > len(set(live))
+
+    assert any(p is not None and split(p) for p in plans), plans
+    for m, params in enumerate(members):
+        mine = [i for i, o in enumerate(owner) if o == m]
+        want = gen.generate_ids(params, tiny.cfg, tiny.tokenizer, [prompts[i] for i in mine], **kw)
+        assert [got[i] for i in mine] == want, m
 
 
 def test_a_stack_prefills_a_shared_prompt_prefix_once_per_member(tiny, monkeypatch):
