@@ -589,23 +589,16 @@ def _compaction(done: np.ndarray, k: int, steps_left: int) -> _Plan | None:
     rows_new = new_k * new_per
     if 2 * rows_new > len(done) or (len(done) - rows_new) * steps_left < MIN_SAVED_ROW_STEPS:
         return None
-    rows = np.zeros(rows_new, np.int64)
-    members = np.zeros(new_k, np.int64)
-    new_done = np.ones(rows_new, bool)
-    slot = 0
+    parts = []  # per new member slot: (its member, the running rows it holds)
     for m in np.nonzero(counts)[0]:
         live = np.nonzero(~done[m * per : (m + 1) * per])[0] + m * per
-        for s in range(0, len(live), new_per):
-            part = live[s : s + new_per]
-            members[slot] = m
-            rows[slot * new_per : (slot + 1) * new_per] = m * per  # filler rows: the member's first row
-            rows[slot * new_per : slot * new_per + len(part)] = part
-            new_done[slot * new_per : slot * new_per + len(part)] = False
-            slot += 1
-    first = int(np.nonzero(counts)[0][0])  # filler members repeat the first running one
-    members[slot:] = first
-    for j in range(slot, new_k):
-        rows[j * new_per : (j + 1) * new_per] = first * per
+        parts += [(m, live[s : s + new_per]) for s in range(0, len(live), new_per)]
+    members = np.array([m for m, _ in parts] + [parts[0][0]] * (new_k - len(parts)))  # filler: the first again
+    rows = np.repeat(members * per, new_per)  # filler rows: their member's first row
+    new_done = np.ones(rows_new, bool)
+    for j, (_, live) in enumerate(parts):
+        rows[j * new_per : j * new_per + len(live)] = live
+        new_done[j * new_per : j * new_per + len(live)] = False
     return _Plan(rows, members, new_done)
 
 
