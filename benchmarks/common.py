@@ -86,6 +86,15 @@ def load_edit_subject(random_llama7b: bool, tokenizer: str | None, num_layers: i
             llama7b_hf_config(len(tok), layers))
 
 
+def random_llama7b_model(tokenizer: str | None, num_layers: int | None = None):
+    """The random 7B-shaped subject of `load_edit_subject` as a `mirage_jax.model.Model`, for the
+    benchmarks that drive the runner or the statistics (they take a whole model, not its parts)."""
+    from mirage_jax.model import Model
+
+    cfg, params, tok, name, hf_config = load_edit_subject(True, tokenizer, num_layers)
+    return Model(cfg, params, tok, hf_config, name)
+
+
 def torch_twin(cfg, params, hf_config: dict, device: str = "cpu"):
     """A `transformers` model holding exactly our parameters (same dtype), for baselines that
     must run the same weights: built from the config, then filled tensor by tensor."""

@@ -26,10 +26,8 @@ if [[ ! -f $ckpt/config.json ]]; then
   PYTHONPATH=$here python - "$ckpt" "${TOKENIZER:-}" <<'PY' || exit 1
 import sys
 sys.path.insert(0, "benchmarks")
-from common import load_edit_subject
-from mirage_jax.model import Model
-cfg, params, tok, name, hf = load_edit_subject(True, sys.argv[2] or None)
-Model(cfg, params, tok, hf, name).save(sys.argv[1])
+from common import random_llama7b_model
+random_llama7b_model(sys.argv[2] or None).save(sys.argv[1])
 PY
 fi
 i=0

@@ -32,7 +32,7 @@ import time
 
 from absl import app, flags
 
-from common import load_edit_subject
+from common import random_llama7b_model
 from mirage_jax import cli
 
 FLAGS = flags.FLAGS
@@ -95,12 +95,10 @@ def main(argv):
     import jax.numpy as jnp
 
     from mirage_jax.editing import stats
-    from mirage_jax.model import Model
 
     if FLAGS.random_llama7b:
         layers = [int(x) for x in FLAGS.layers or (4, 5, 6, 7, 8)]
-        cfg, params, tok, name, hf = load_edit_subject(True, FLAGS.tokenizer, num_layers=max(layers) + 1)
-        model = Model(cfg, params, tok, hf, name)
+        model = random_llama7b_model(FLAGS.tokenizer, num_layers=max(layers) + 1)
     else:
         from configs import get_hparams
 
@@ -136,7 +134,7 @@ def main(argv):
     pdtype = jax.tree_util.tree_leaves(model.params)[0].dtype
     n = 8192 if jax.devices()[0].platform != "cpu" else 1024
     fwd_rate = _matmul_rate(pdtype, jax.lax.Precision.DEFAULT, n)
-    sixteen = pdtype in (jnp.bfloat16, jnp.float16)  # the keys' dtype: stats._gram's choice
+    sixteen = pdtype in stats.GRAM_OWN_DTYPES  # the keys' dtype: how `stats._gram` multiplies them
     xtx_rate = fwd_rate if sixteen else _matmul_rate(jnp.float32, jax.lax.Precision.HIGHEST, n)
     bound = 1.0 / (fwd / fwd_rate + xtx / xtx_rate)
     print(f"per token: forward {fwd / 1e9:.2f} GFLOP ({pdtype}, device matmul {fwd_rate / 1e12:.1f} TFLOP/s), "

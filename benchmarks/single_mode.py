@@ -24,7 +24,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from common import REPO, load_edit_subject
+from common import REPO, random_llama7b_model
 from mirage_jax import cli
 
 FLAGS = flags.FLAGS
@@ -52,12 +52,6 @@ def _rows(out: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()]
 
 
-def _subject_fields() -> tuple:
-    """(cfg, params, tokenizer, hf_config, name) of the random 7B-shaped model, in `Model`'s order."""
-    cfg, params, tok, name, hf_config = load_edit_subject(True, FLAGS.tokenizer)
-    return cfg, params, tok, hf_config, name
-
-
 def main(argv):
     from configs import get_hparams
     from mirage_jax import datasets
@@ -68,9 +62,7 @@ def main(argv):
 
     method = get_method(FLAGS.method)
     if FLAGS.random_llama7b:
-        from mirage_jax.model import Model
-
-        model = Model(*_subject_fields())
+        model = random_llama7b_model(FLAGS.tokenizer)
         hp = get_hparams(method.name, model.name, key="llama-2-7b")
     else:
         model = cli.load_model_from_flags()

@@ -318,6 +318,10 @@ def _key_moments(params: Any, acc: jax.Array, tokens: jax.Array, mask: jax.Array
     return acc + jnp.stack(sums)
 
 
+# Key dtypes whose products are exact in float32: `_gram` multiplies these in their own dtype.
+GRAM_OWN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
 def _gram(x: jax.Array) -> jax.Array:
     """Σ_bt x xᵀ in float32, as exact as a float32 sum of exact products allows.
 
@@ -327,7 +331,7 @@ def _gram(x: jax.Array) -> jax.Array:
     H200: 528 vs 49 TFLOP/s measured; the Xᵀ X was the bound of a 7B model's statistics), and the
     same sum as the float32 one up to summation order. Other keys are summed in float32 at HIGHEST
     (the default float32 matmul of a GPU/TPU may round its inputs to TF32/bfloat16)."""
-    if x.dtype in (jnp.bfloat16, jnp.float16):
+    if x.dtype in GRAM_OWN_DTYPES:
         return jnp.einsum("btf,btg->fg", x, x, preferred_element_type=jnp.float32)
     x = x.astype(jnp.float32)
     return jnp.einsum("btf,btg->fg", x, x, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
