@@ -16,7 +16,10 @@
 #    bandwidth per step), ours only (the HF side would double the time);
 # 2. ROME, FT-M and MEMIT (batch 100) edits, ours only;
 # 3. key statistics of layers 4-8 (tokens/s against the device's measured FLOP bound; a full run's time);
-# 4. single-mode samples/s, edited models one by one vs 16 stacked (FT-M, QAEdit, both evaluations).
+# 4. single-mode samples/s, edited models one by one vs 16 stacked (FT-M, QAEdit, both evaluations);
+# 5. (only when named in STEPS: "scan") `scan_layers.py`: compile time vs call time of the 7B forward with its
+#    layers unrolled vs in a lax.scan over stacked layers -- on a CPU the scan set up 2.7-3.3x faster but
+#    its decode step ran at 0.59-0.72x (BUILD_NOTES), so a GPU figure decides whether the layout change pays.
 # STEPS (default: all five, up to ~670 s: over one call's 600, so a lease runs two calls, e.g.
 # STEPS="decode generate edit_speed key_stats" then STEPS=single_mode) names the steps to run;
 # SINGLE_ARGS adds flags to the last (e.g. SINGLE_ARGS="--noone_by_one --n_records=16").
@@ -43,4 +46,6 @@ step edit_speed 190 python benchmarks/edit_speed.py --random_llama7b "${tok[@]}"
 step key_stats 80 python benchmarks/key_stats_speed.py --random_llama7b "${tok[@]}" --docs=128 --batch_tokens=16384
 step single_mode 190 python benchmarks/single_mode.py --random_llama7b "${tok[@]}" --method=FT-M \
   --dataset=qaedit --n_records=32 --warmup=16 --stack_edits=16 ${SINGLE_ARGS:-}
+step scan 150 python benchmarks/scan_layers.py --random_llama7b --batch=1 --slots=128 --prefill_batch=8 \
+  --prefill_len=128 --repeats=5
 echo "=== done $(date +%T)"

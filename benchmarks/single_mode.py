@@ -39,6 +39,7 @@ flags.DEFINE_bool("one_by_one", True, "also time the one-by-one run (off: the st
                   "device lease has measured the other before)")
 flags.DEFINE_enum("evaluation", "both", ["wild", "synthetic", "both"], "evaluation type(s)")
 flags.DEFINE_enum("context_type", "chat_temp", ["question-only", "qa_inst", "chat_temp"], "WILD input wrapping")
+flags.DEFINE_enum("stop_rule", "improved", ["seed", "improved"], "WILD answer end (issue 13's setting: seed)")
 flags.DEFINE_bool("random_llama7b", False, "random-weight Llama-2-7B-shaped bfloat16 model instead of --model (a "
                   "GPU's figure: its answers are noise that runs to the token budget, the timing's worst case, and "
                   "its near-tied bfloat16 logits flip under another batch layout, so rows may differ)")
@@ -73,7 +74,8 @@ def main(argv):
     judge = ExactMatchJudge()
     root = Path(tempfile.mkdtemp(prefix="single_mode_"))
     base = RunConfig(method=method.name, model_name=model.name, dataset=FLAGS.dataset, data_path=data.path,
-                     evaluation=FLAGS.evaluation, wild=WildConfig(context_type=FLAGS.context_type),
+                     evaluation=FLAGS.evaluation,
+                     wild=WildConfig(context_type=FLAGS.context_type, stop_rule=FLAGS.stop_rule),
                      output_dir=str(root / "pre"))
     t0 = time.perf_counter()
     pre_edit(model, timed + warm, base, judge)
