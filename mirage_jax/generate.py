@@ -34,6 +34,11 @@ Why it is built this way:
   once (one row per stacked edit) and `_prefill` copies its keys / values to every row and prefills
   only the rest of each prompt (`_shared_prefix` decides; the prefill is ~20% of a WILD run on a CPU).
   The prompt keeps its slot count, so the decode programs are the same as without.
+* Packed prompts. A CPU prefill is compute-bound, so its padding is time: where it saves a quarter
+  of the prefilled positions, the prompts' rests are packed several to a row (`_pack_prompts`,
+  segment-masked attention, each member of an edit stack in its own rows) and prefilled in one call
+  (`_prefill_packed`), their keys / values then gathered into the batch cache's usual layout; else
+  blocks of rows prefill in their own buckets (`_prefill_blocks`).
 * Edit stacks. With an `EditStack` as params (`mirage_jax.model.stack`), every prompt says which
   stacked edit answers it (`members`) and rows are laid out member-major.
 
@@ -67,7 +72,7 @@ from mirage_jax.model.transformer import (
     positions_from_mask,
     unembed,
 )
-from mirage_jax.tokens import bucket, split_pays, vocab_texts
+from mirage_jax.tokens import bucket, first_fit, rows_bucket, split_pays, vocab_texts
 
 StopFn = Callable[[str], bool]
 
@@ -198,6 +203,86 @@ def _prefill_blocks(rows: Sequence[Sequence[int]], slots: Sequence[int], batch: 
     if len(blocks) > 1 and split_pays(block * sum(w for _, w in blocks), batch * whole):
         return blocks
     return [(0, whole)]
+
+
+class _PackedPrompts(NamedTuple):
+    """A batch's prompt rests packed into shared rows for one prefill (`_pack_prompts`)."""
+
+    tokens: np.ndarray  # [K*R, W] the rests, first fit by decreasing length; member m's R rows at m*R
+    segments: np.ndarray  # [K*R, W] the prompt each slot holds, -1 where empty
+    positions: np.ndarray  # [K*R, W] each token's position in its whole prompt (after the shared prefix)
+    source: np.ndarray  # [B, rest slots] the packed slot (flat) of each cache slot's token; K*R*W: none
+    last: np.ndarray  # [B] the packed slot (flat) of each row's last prompt token
+
+
+def _pack_prompts(rows: Sequence[Sequence[int]], slots: Sequence[int], batch: int, k: int, shared: int,
+                  rest_slots: int, pad_id: int, unpacked: int) -> _PackedPrompts | None:
+    """The prompt rests (after a `shared` prefix) packed into rows of W = bucket(longest rest) slots,
+    each member's (an edit stack's; rows `slots` // (batch / k)) into its own R rows, R the same for
+    every member -- or None where that does not save a quarter of the `unpacked` positions the
+    prefill blocks would take (`split_pays`).
+
+    Why: a CPU prefill is compute-bound (~620 positions/s on the default model), and the blocks pad
+    every rest to the longest of its block, up to a power of two: a WILD run's rests of ~20 tokens
+    filled 8-row member blocks 32 or 64 wide, ~2.3x their tokens, in 16 calls per stack of 16."""
+    per = batch // k
+    rests = [len(r) - shared for r in rows]
+    width = min(bucket(max(rests)), rest_slots)
+    place: dict[int, tuple[int, int]] = {}
+    used = 0
+    for m in range(k):
+        mine = [i for i, s in enumerate(slots) if s // per == m]
+        where, n = first_fit([rests[i] for i in mine], width)
+        place.update({i: (m, *w) for i, w in zip(mine, where)})
+        used = max(used, n)
+    r = used  # rows per member: the fewest whose total is a packed-rows bucket
+    while rows_bucket(k * r) != k * r:
+        r += 1
+    if not split_pays(k * r * width, unpacked):
+        return None
+    tokens, segments = np.full((k * r, width), pad_id, np.int32), np.full((k * r, width), -1, np.int32)
+    positions = np.zeros((k * r, width), np.int32)
+    source, last = np.full((batch, rest_slots), k * r * width, np.int32), np.zeros((batch,), np.int32)
+    for i, (m, row, slot) in place.items():
+        n, row = rests[i], m * r + row
+        tokens[row, slot:slot + n], segments[row, slot:slot + n] = rows[i][shared:], i
+        positions[row, slot:slot + n] = shared + np.arange(n)
+        source[slots[i], rest_slots - n:] = row * width + slot + np.arange(n)
+        last[slots[i]] = row * width + slot + n - 1
+    return _PackedPrompts(tokens, segments, positions, source, last)
+
+
+@functools.partial(jax.jit, static_argnums=(1,), donate_argnums=(2,))
+def _prefill_packed(params: Params, cfg: ModelConfig, cache: KVCache, packed: _PackedPrompts,
+                    prefix: KVCache | None, prefix_mask: jax.Array | None) -> tuple[KVCache, jax.Array]:
+    """`_prefill` of a batch whose rests are packed (`_pack_prompts`): one forward over the packed
+    rows (each token sees the member's shared prefix and the earlier tokens of its own prompt), then
+    every rest's keys / values gathered into its row's slots of the batch's cache (the same layout as
+    `_prefill`'s, so decoding is unchanged) and each row's first new token read at its last token."""
+    rows, width = packed.tokens.shape
+    seg = packed.segments
+    own = (seg[:, :, None] == seg[:, None, :]) | jnp.eye(width, dtype=bool)  # an empty slot sees itself
+    k, pk = (1, 0) if prefix_mask is None else prefix_mask.shape
+    rep = lambda x: jnp.repeat(x, rows // k, axis=0)  # noqa: E731  (a member's prefix to each of its rows)
+    seen = own if prefix is None else jnp.concatenate(
+        [jnp.broadcast_to(rep(prefix_mask.astype(bool))[:, None], (rows, width, pk)), own], axis=-1)
+    dtype = cache.k[0].dtype
+    part = init_cache(cfg, rows, width, dtype) if prefix is None else jax.tree_util.tree_map(
+        lambda x: jnp.concatenate([rep(x), jnp.zeros((rows, width) + x.shape[2:], dtype)], axis=1), prefix)
+    out = forward(params, cfg, packed.tokens, attn_mask=seen, positions=packed.positions, cache=part,
+                  cache_index=pk, return_logits=False)
+
+    def place(full: jax.Array, done: jax.Array, pre: jax.Array | None) -> jax.Array:
+        flat = done[:, pk:].reshape((rows * width,) + done.shape[2:])
+        flat = jnp.concatenate([flat, jnp.zeros_like(flat[:1])])  # the "none" slot: zeros
+        full = full.at[:, pk:pk + packed.source.shape[1]].set(flat[packed.source])
+        return full if pre is None else full.at[:, :pk].set(jnp.repeat(pre, full.shape[0] // k, axis=0))
+
+    pre = (None, None) if prefix is None else (prefix.k, prefix.v)
+    new = KVCache(*[[place(f, d, None if p is None else p[i]) for i, (f, d) in enumerate(zip(fs, ds))]
+                    for fs, ds, p in zip(cache, out.cache, pre)])
+    hidden = out.hidden.reshape(rows * width, -1)[packed.last]
+    return new, jnp.argmax(unembed(params, cfg, hidden[:, None])[:, -1], axis=-1).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
@@ -501,9 +586,15 @@ def _generate_batch(
     # blocks of rows, each in its own bucket: not on a mesh (rows split across devices), nor with
     # adapters (their routing looks at the whole call's last prompt token)
     by = b // k if k > 1 else PREFILL_BLOCK
-    blocks = [(0, p - pk)] if mesh is not None or has_adapters(_structure(params)) else \
-        _prefill_blocks(rows, slots, b, by, shared, p - pk)
-    if len(blocks) == 1:
+    plain = mesh is not None or has_adapters(_structure(params))
+    blocks = [(0, p - pk)] if plain else _prefill_blocks(rows, slots, b, by, shared, p - pk)
+    packed = None if plain else _pack_prompts(rows, slots, b, k, shared, p - pk, pad,
+                                              sum((by if len(blocks) > 1 else b) * w for _, w in blocks))
+    if packed is not None:  # every rest packed with others into shared rows: one call
+        routes = {}
+        cache, nxt = _prefill_packed(params, cfg, cache, _PackedPrompts(*map(jnp.asarray, packed)), prefix_kv,
+                                     jnp.asarray(prefix_mask) if shared else None)
+    elif len(blocks) == 1:
         width = blocks[0][1]
         cache, nxt, routes = _prefill(params, cfg, jnp.asarray(tokens[:, -width:]), jnp.asarray(mask), cache,
                                       prompt_len, prefix_kv, p - width)

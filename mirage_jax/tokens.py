@@ -24,6 +24,30 @@ def bucket(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << max(0, (n - 1).bit_length()))
 
 
+def first_fit(lengths: Sequence[int], width: int) -> tuple[list[tuple[int, int]], int]:
+    """Sequences packed into rows of `width` slots, first fit by decreasing length: each one's
+    ``(row, first slot)`` and the number of rows used. Packing puts several short sequences (FT's
+    edit requests, WILD's prompt rests) in one row of a compute-bound forward, so that its padded
+    positions are about its real tokens (segment-masked attention keeps them apart)."""
+    free: list[int] = []  # per row: its first empty slot
+    place = [(0, 0)] * len(lengths)
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if lengths[i] > width:
+            raise ValueError(f"a sequence of {lengths[i]} tokens does not fit rows of {width}")
+        row = next((r for r, f in enumerate(free) if f + lengths[i] <= width), len(free))
+        if row == len(free):
+            free.append(0)
+        place[i] = row, free[row]
+        free[row] += lengths[i]
+    return place, len(free)
+
+
+def rows_bucket(n: int) -> int:
+    """Rows of a packed batch: a power of two up to 8, then multiples of 8 -- a packed batch of ~100
+    rows padded to 128 would give back much of what packing saved."""
+    return bucket(n, 1) if n <= 8 else -(-n // 8) * 8
+
+
 def split_pays(split: int, whole: int) -> bool:
     """Whether a batch is worth padding in parts (`split` positions: each part to its own bucket) over
     once (`whole` positions): when that saves a quarter or more. A compute-bound forward (a CPU's

@@ -71,7 +71,7 @@ _BUCKET_CALLS = [
 ]
 
 
-def test_compiles_exactly_once_per_bucket(tiny):
+def test_compiles_exactly_once_per_bucket(tiny, monkeypatch):
     """Prefill and decode each compile exactly one program per distinct (batch, prompt, new-token)
     bucket, counted after every call, over calls whose prompt lengths, batch sizes and
     max_new_tokens differ inside the same buckets, in chunks (several decode calls per batch).
@@ -81,6 +81,7 @@ def test_compiles_exactly_once_per_bucket(tiny):
     many compilations as its two calls could make, so that bug passed it.
     """
     _, cfg, params, tok = tiny
+    monkeypatch.setattr(gen, "_pack_prompts", lambda *a: None)  # the packed prefill's programs: its own test
     compiled = (gen._prefill, gen._decode)
     for fn in compiled:
         fn.clear_cache()
@@ -235,6 +236,7 @@ def test_a_plain_batch_prefills_blocks_of_sorted_rows_in_their_own_buckets(tiny,
     lead = [int(t) for t in rng.integers(2, 128, size=head)]
     rows = [lead + [int(t) for t in rng.integers(2, 128, size=n)] for n in (3, 40, 5, 1, 38, 7, 2, 4)]
     monkeypatch.setattr(gen, "PREFILL_BLOCK", 2)
+    monkeypatch.setattr(gen, "_pack_prompts", lambda *a: None)  # blocks, not packed rows (tested below)
     calls, fn = [], gen._prefill_rows
     monkeypatch.setattr(gen, "_prefill_rows", lambda *a: calls.append(a[2].shape) or fn(*a))
     got = gen.generate_ids(params, cfg, tok, rows, max_new_tokens=MAX_NEW, batch_size=8, chunk=5)
@@ -242,6 +244,42 @@ def test_a_plain_batch_prefills_blocks_of_sorted_rows_in_their_own_buckets(tiny,
     want = [gen.generate_ids(params, cfg, tok, [r], max_new_tokens=MAX_NEW, batch_size=1)[0] for r in rows]
     assert got == want
     assert len({g.ids for g in want}) >= 2  # the premise: the prompts lead to different answers
+
+
+@pytest.mark.parametrize("head", [0, 12])
+def test_packed_prompts_prefill_in_one_call_and_change_no_generation(tiny, monkeypatch, head):
+    """Eight prompts with rests of 1-9 tokens in one batch of 8: packed three to a row of 16 slots
+    (`_prefill_packed`: 4 rows, half the unpacked prefill's 8 x 16), with and without a shared prefix --
+    and every generation equals the unpacked prefill's and the prompt's alone. Planted bugs caught:
+    positions counted from the rest's first token (the shared prefix left out), the segment mask
+    dropped (a rest sees the rests packed before it), each rest's keys put one slot early in its row."""
+    _, cfg, params, tok = tiny
+    rng = np.random.default_rng(7)
+    lead = [int(t) for t in rng.integers(2, 128, size=head)]
+    rows = [lead + [int(t) for t in rng.integers(2, 128, size=n)] for n in (3, 9, 1, 5, 7, 2, 4, 6)]
+    packed = _counting(monkeypatch, "_pack_prompts")
+    got = gen.generate_ids(params, cfg, tok, rows, max_new_tokens=MAX_NEW, batch_size=8, chunk=5)
+    assert len(packed) == 1 and packed[0].tokens.shape == (4, 16), packed
+    monkeypatch.setattr(gen, "_pack_prompts", lambda *a: None)
+    assert got == gen.generate_ids(params, cfg, tok, rows, max_new_tokens=MAX_NEW, batch_size=8, chunk=5)
+    assert got == [gen.generate_ids(params, cfg, tok, [r], max_new_tokens=MAX_NEW, batch_size=1)[0] for r in rows]
+    assert len({g.ids for g in got}) >= 3  # the premise: the prompts lead to different answers
+
+
+def test_pack_prompts_layout():
+    """`_pack_prompts`: each member's rests first fit into its own rows, positions after the shared
+    prefix, each cache slot's source in the packed rows (the "none" slot for padding and filler rows)
+    and each row's last token -- or None where packing saves less than a quarter."""
+    rows = [[1] * 5 + [10, 11], [1] * 5 + [20], [1] * 5 + [30, 31, 32]]  # a 5-token prefix, rests 2, 1, 3
+    p = gen._pack_prompts(rows, [0, 3, 1], 4, 2, 5, 8, 0, 1000)  # 2 members x 2 rows; row 2 a filler
+    np.testing.assert_array_equal(p.tokens, [[30, 31, 32, 10, 11, 0, 0, 0], [20, 0, 0, 0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(p.segments, [[2, 2, 2, 0, 0, -1, -1, -1], [1, -1, -1, -1, -1, -1, -1, -1]])
+    np.testing.assert_array_equal(p.positions[0, :5], [5, 6, 7, 5, 6])
+    none = 16
+    np.testing.assert_array_equal(p.source, [[none] * 6 + [3, 4], [none] * 5 + [0, 1, 2], [none] * 8,
+                                             [none] * 7 + [8]])
+    np.testing.assert_array_equal(p.last, [4, 2, 0, 8])
+    assert gen._pack_prompts(rows, [0, 3, 1], 4, 2, 5, 8, 0, 20) is None  # 16 packed positions > 3/4 of 20
 
 
 def test_prefill_blocks_pay_or_the_batch_prefills_at_once():

@@ -181,6 +181,46 @@ def test_a_stack_prefills_a_shared_prompt_prefix_once_per_member(tiny, monkeypat
                                                           [prompts[i] for i in mine], **kw), m
 
 
+def _q_edit(model, seed: int):
+    """An edit of layer 0's attention query kernel: a stack of these runs its whole forward per member."""
+    layers = list(model.params["layers"])
+    k = np.asarray(layers[0]["attn"]["q"]["kernel"])
+    noise = np.random.default_rng(seed).standard_normal(k.shape).astype(k.dtype)
+    layers[0] = {**layers[0], "attn": {**layers[0]["attn"], "q": {"kernel": jnp.asarray(k + noise)}}}
+    return {**model.params, "layers": layers}
+
+
+@pytest.mark.parametrize("kind", ["mlp", "attention"])
+@pytest.mark.parametrize("head", [0, 14])
+def test_a_stack_prefills_its_members_rests_packed_in_one_call(tiny, monkeypatch, head, kind):
+    """Short prompts of 4 members (4 rows each), with and without a shared prefix: every member's
+    rests packed into two rows of its own (member 0's two long rests do not share a row;
+    `_prefill_packed`, one call for the stack, each member's prefix keys / values under its rows) --
+    MLP edits (only those MLPs per member) and attention edits (the whole forward per member) -- and
+    every generation equals the member's alone. Planted bug caught: the member prefixes handed to the
+    packed rows `tile`-wise instead of `repeat`-wise."""
+    make = (lambda s: _rank_one(tiny, s, scale=1.0, layer=0)) if kind == "mlp" else (lambda s: _q_edit(tiny, s))
+    members = [make(s) for s in range(4)]
+    st = stack.build(tiny.params, members)
+    lead = " ".join(f"t{i}" for i in range(70, 70 + head))
+    long = [" ".join(f"t{i}" for i in range(3, 3 + n)) for n in (9, 8)]
+    prompts = _ids(tiny, [f"{lead} {t}".strip() for t in long + TEXTS[:5]])
+    owner = [0, 0, 0, 1, 2, 3, 1]
+    packed = []
+    fn = gen._pack_prompts
+    monkeypatch.setattr(gen, "_pack_prompts", lambda *a: packed.append(fn(*a)) or packed[-1])
+    kw = dict(max_new_tokens=10, batch_size=4)
+    got = gen.generate_ids(st, tiny.cfg, tiny.tokenizer, prompts, members=owner, **kw)
+    assert len(packed) == 1 and packed[0].tokens.shape == (8, 16), packed  # 2 packed rows per member
+    for m, params in enumerate(members):
+        mine = [i for i, o in enumerate(owner) if o == m]
+        assert [got[i] for i in mine] == gen.generate_ids(params, tiny.cfg, tiny.tokenizer,
+                                                          [prompts[i] for i in mine], **kw), m
+    others = [gen.generate_ids(members[(o + 1) % 4], tiny.cfg, tiny.tokenizer, [p], **kw)[0] for p, o in
+              zip(prompts, owner)]
+    assert others != got  # the premise: another member answers some prompt otherwise
+
+
 @pytest.mark.parametrize("head", [0, 14])
 def test_a_stack_prefills_each_member_in_its_own_bucket(tiny, monkeypatch, head):
     """One member's prompts are ~40 tokens, the others' <= 6: one prefill would pad every row to the

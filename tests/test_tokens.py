@@ -13,7 +13,7 @@ import pytest
 
 import golden
 from mirage_jax.evaluation.synthetic import locality_agreement, token_accuracy
-from mirage_jax.tokens import EditInputError, make_batch, split_prompt_target
+from mirage_jax.tokens import EditInputError, first_fit, make_batch, rows_bucket, split_prompt_target
 
 # (prompt, target, the target's tokens in context). "Ġ" is the byte-level BPE space.
 SPLITS = [
@@ -126,3 +126,11 @@ def test_locality_agreement_is_the_fraction_of_equal_positions():
     pre = [np.array([5, 6, 7]), np.array([1, 2]), np.array([9])]
     post = [np.array([5, 0, 7]), np.array([3, 4]), np.array([9])]
     assert locality_agreement(pre, post) == pytest.approx([2 / 3, 0.0, 1.0])
+
+
+def test_first_fit_packs_longest_first_into_the_first_row_with_room():
+    place, rows = first_fit([3, 9, 1, 5, 7], 10)
+    assert rows == 3 and place == [(1, 7), (0, 0), (0, 9), (2, 0), (1, 0)]  # 9+1 | 7+3 | 5
+    with pytest.raises(ValueError, match="11 tokens"):
+        first_fit([4, 11], 10)
+    assert [rows_bucket(n) for n in (1, 3, 5, 8, 9, 40, 41)] == [1, 4, 8, 8, 16, 40, 48]

@@ -35,7 +35,7 @@ from mirage_jax.editing.common import (
 from mirage_jax.model.config import ModelConfig
 from mirage_jax.model.stack import nbytes
 from mirage_jax.model.transformer import forward
-from mirage_jax.tokens import bucket, make_batch
+from mirage_jax.tokens import bucket, first_fit, make_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,15 +120,8 @@ def _pack(tokens: np.ndarray, attn: np.ndarray) -> _Packing:
     n, t = tokens.shape
     lengths = attn.sum(-1)
     width = bucket(int(lengths.max()), 64)
-    free: list[int] = []  # per packed row: its first empty slot
-    place = np.zeros((n, 2), np.int64)
-    for r in sorted(range(n), key=lambda r: -lengths[r]):
-        row = next((i for i, f in enumerate(free) if f + lengths[r] <= width), len(free))
-        if row == len(free):
-            free.append(0)
-        place[r] = row, free[row]
-        free[row] += lengths[r]
-    rows = bucket(len(free), 1)
+    place, used = first_fit([int(x) for x in lengths], width)
+    rows = bucket(used, 1)
     packed, segments = np.zeros((rows, width), np.int32), np.full((rows, width), -1, np.int32)
     positions = np.zeros((rows, width), np.int32)
     flat, valid = np.zeros((n, t), np.int32), attn.astype(np.float32)

@@ -128,7 +128,7 @@ class Placement(NamedTuple):
 
     positions: jax.Array  # [B, T] RoPE / position-table index of each token
     # [B, S] key slots holding real tokens (S = T without a cache, the cache length with one), or
-    # [B, T, T] which key each query may see besides causality (several sequences packed in a row)
+    # [B, T, S] which key each query may see besides causality (several sequences packed in a row)
     key_mask: jax.Array
     cache_index: jax.Array | int  # cache slot of the first of the T tokens (0 without a cache)
 
@@ -296,8 +296,9 @@ def forward(
 
     tokens: ``[B, T]`` int ids (ignored when ``hidden`` is given).
     attn_mask: which key slots hold real tokens: ``[B, T]`` without a cache, ``[B, S]`` (the
-      whole cache) with one. Defaults to all ones. Or, without a cache, ``[B, T, T]``: which keys
-      each query sees besides causality (sequences packed into one row, `positions` then given).
+      whole cache) with one. Defaults to all ones. Or ``[B, T, T]`` (``[B, T, S]`` with a cache):
+      which keys each query sees besides causality (sequences packed into one row, `positions`
+      then given).
     positions: ``[B, T]`` RoPE / position-table indices; defaults to ``positions_from_mask``.
     cache / cache_index: KV cache and the slot where this call's first token is written.
     start_layer / hidden: run layers ``start_layer..`` from ``hidden`` (the ``layer_in`` of
