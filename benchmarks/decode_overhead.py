@@ -23,13 +23,10 @@ import time
 
 from absl import app, flags
 
-from common import load_edit_subject
-from mirage_jax import cli
+from common import define_subject_flags, load_edit_subject
 
 FLAGS = flags.FLAGS
-cli.define_model_flags()
-flags.DEFINE_bool("random_llama7b", False, "random-weight Llama-2-7B-shaped bfloat16 model instead of --model")
-flags.DEFINE_string("tokenizer", None, "tokenizer directory for --random_llama7b (default: the default model's)")
+define_subject_flags()
 flags.DEFINE_integer("batch", 1, "rows decoded together")
 flags.DEFINE_integer("steps", 64, "decode steps timed")
 flags.DEFINE_integer("prompt_len", 32, "prompt tokens (the bare loops start after them in the cache)")

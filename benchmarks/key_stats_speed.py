@@ -32,13 +32,11 @@ import time
 
 from absl import app, flags
 
-from common import random_llama7b_model
+from common import define_subject_flags, random_llama7b_model
 from mirage_jax import cli
 
 FLAGS = flags.FLAGS
-cli.define_model_flags()
-flags.DEFINE_bool("random_llama7b", False, "random-weight Llama-2-7B-shaped bfloat16 model instead of --model")
-flags.DEFINE_string("tokenizer", None, "tokenizer directory for --random_llama7b (default: the default model's)")
+define_subject_flags()
 flags.DEFINE_list("layers", None, "layers whose statistics are gathered (default: MEMIT's for the model)")
 flags.DEFINE_integer("docs", 64, "documents in the timed run (after one warm-up run of the same shapes)")
 flags.DEFINE_integer("max_len", 1024, "tokens per document (the cap `compute_key_stats` uses)")

@@ -21,15 +21,13 @@ import time
 
 from absl import app, flags
 
-from common import REPO, load_edit_subject, torch_twin
+from common import REPO, define_subject_flags, load_edit_subject, torch_twin
 from mirage_jax import cli
 
 FLAGS = flags.FLAGS
-cli.define_model_flags()
+define_subject_flags()
 flags.adopt_module_key_flags(cli)
-flags.DEFINE_bool("random_llama7b", False, "7B-shaped random bfloat16 Llama instead of --model")
 flags.DEFINE_integer("layers", None, "with --random_llama7b: this many layers (7B widths, less depth)")
-flags.DEFINE_string("tokenizer", None, "tokenizer directory for --random_llama7b")
 flags.DEFINE_integer("steps", 20, "meta-training steps timed after the compiling / warm-up one")
 flags.DEFINE_integer("edits", 10, "edits timed after the compiling / warm-up one")
 flags.DEFINE_bool("torch", True, "also run the PyTorch baseline")

@@ -25,13 +25,10 @@ import time
 
 from absl import app, flags
 
-from common import load_edit_subject
-from mirage_jax import cli
+from common import define_subject_flags, load_edit_subject
 
 FLAGS = flags.FLAGS
-cli.define_model_flags()
-flags.DEFINE_bool("random_llama7b", False, "random-weight Llama-2-7B-shaped bfloat16 model instead of --model")
-flags.DEFINE_string("tokenizer", None, "tokenizer directory for --random_llama7b (unused: no text here)")
+define_subject_flags()
 flags.DEFINE_integer("batch", 8, "rows of the decode step")
 flags.DEFINE_integer("slots", 192, "KV cache slots of the decode step")
 flags.DEFINE_integer("prefill_batch", 8, "rows of the prompt-shaped forward")

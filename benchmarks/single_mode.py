@@ -11,6 +11,9 @@ samples per second, the ratio, and how many result rows differ between the two r
 evaluation is the same computation in another batch layout: rows should agree).
 
     python benchmarks/single_mode.py --method=FT-M --dataset=qaedit --n_records=20 --stack_edits=16
+
+`--random_llama7b` is a GPU's figure: its answers are noise that runs to the token budget (the timing's
+worst case), and its near-tied bfloat16 logits flip under another batch layout, so rows may differ.
 """
 
 from __future__ import annotations
@@ -24,11 +27,11 @@ from pathlib import Path
 
 from absl import app, flags
 
-from common import REPO, random_llama7b_model
+from common import REPO, define_subject_flags, random_llama7b_model
 from mirage_jax import cli
 
 FLAGS = flags.FLAGS
-cli.define_model_flags()
+define_subject_flags()
 flags.adopt_module_key_flags(cli)
 flags.DEFINE_string("method", "FT-M", "editing method (one without extra files: FT-M, ROME, GRACE, WISE...)")
 flags.DEFINE_enum("dataset", "qaedit", ["qaedit", "counterfact"], "shipped dataset (data/)")
@@ -40,10 +43,6 @@ flags.DEFINE_bool("one_by_one", True, "also time the one-by-one run (off: the st
 flags.DEFINE_enum("evaluation", "both", ["wild", "synthetic", "both"], "evaluation type(s)")
 flags.DEFINE_enum("context_type", "chat_temp", ["question-only", "qa_inst", "chat_temp"], "WILD input wrapping")
 flags.DEFINE_enum("stop_rule", "improved", ["seed", "improved"], "WILD answer end (issue 13's setting: seed)")
-flags.DEFINE_bool("random_llama7b", False, "random-weight Llama-2-7B-shaped bfloat16 model instead of --model (a "
-                  "GPU's figure: its answers are noise that runs to the token budget, the timing's worst case, and "
-                  "its near-tied bfloat16 logits flip under another batch layout, so rows may differ)")
-flags.DEFINE_string("tokenizer", None, "with --random_llama7b: a tokenizer directory (default: the default model's)")
 
 DATA = {"qaedit": REPO / "data" / "QAEdit_inter_1k.json", "counterfact": REPO / "data" / "counterfact-edit.json"}
 
