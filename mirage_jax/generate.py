@@ -154,14 +154,20 @@ def _prefill_impl(params: Params, cfg: ModelConfig, tokens: jax.Array, mask: jax
     member, and `tokens` are then each row's rest -- so every token sees what it would have seen
     with the whole prompt in `tokens`."""
     if prefix is not None:
-        k, pk = prefix.k[0].shape[:2]
-        fill = lambda full, part: full.at[:, :pk].set(jnp.repeat(part, full.shape[0] // k, axis=0))  # noqa: E731
-        cache = jax.tree_util.tree_map(fill, cache, prefix)
+        cache = _fill_prefix(cache, prefix)
     positions = positions_from_mask(mask[:, :start + tokens.shape[1]])[:, start:]
     out = forward(params, cfg, tokens, attn_mask=mask, positions=positions, cache=cache, cache_index=start,
                   prompt_len=prompt_len, return_logits=False)
     logits = unembed(params, cfg, out.hidden[:, -1:])
     return out.cache, jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), out.routes
+
+
+def _fill_prefix(cache: KVCache, prefix: KVCache) -> KVCache:
+    """Slots ``[0, Pk)`` of every row of `cache` get the shared prefix's keys / values (`_prefix_cache`,
+    ``[K, Pk]``: one row per stacked edit, its member's rows member-major, hence `repeat`, not `tile`)."""
+    k, pk = prefix.k[0].shape[:2]
+    fill = lambda full, part: full.at[:, :pk].set(jnp.repeat(part, full.shape[0] // k, axis=0))  # noqa: E731
+    return jax.tree_util.tree_map(fill, cache, prefix)
 
 
 # The empty cache is donated: filled in place.
@@ -263,24 +269,21 @@ def _prefill_packed(params: Params, cfg: ModelConfig, cache: KVCache, packed: _P
     seg = packed.segments
     own = (seg[:, :, None] == seg[:, None, :]) | jnp.eye(width, dtype=bool)  # an empty slot sees itself
     k, pk = (1, 0) if prefix_mask is None else prefix_mask.shape
-    rep = lambda x: jnp.repeat(x, rows // k, axis=0)  # noqa: E731  (a member's prefix to each of its rows)
-    seen = own if prefix is None else jnp.concatenate(
-        [jnp.broadcast_to(rep(prefix_mask.astype(bool))[:, None], (rows, width, pk)), own], axis=-1)
-    dtype = cache.k[0].dtype
-    part = init_cache(cfg, rows, width, dtype) if prefix is None else jax.tree_util.tree_map(
-        lambda x: jnp.concatenate([rep(x), jnp.zeros((rows, width) + x.shape[2:], dtype)], axis=1), prefix)
-    out = forward(params, cfg, packed.tokens, attn_mask=seen, positions=packed.positions, cache=part,
+    part = init_cache(cfg, rows, pk + width, cache.k[0].dtype)
+    if prefix is not None:  # each packed row sees its member's prefix, then its own prompt's earlier tokens
+        part = _fill_prefix(part, prefix)
+        seen_prefix = jnp.repeat(prefix_mask.astype(bool), rows // k, axis=0)[:, None]
+        own = jnp.concatenate([jnp.broadcast_to(seen_prefix, (rows, width, pk)), own], axis=-1)
+    out = forward(params, cfg, packed.tokens, attn_mask=own, positions=packed.positions, cache=part,
                   cache_index=pk, return_logits=False)
 
-    def place(full: jax.Array, done: jax.Array, pre: jax.Array | None) -> jax.Array:
+    def place(full: jax.Array, done: jax.Array) -> jax.Array:
         flat = done[:, pk:].reshape((rows * width,) + done.shape[2:])
         flat = jnp.concatenate([flat, jnp.zeros_like(flat[:1])])  # the "none" slot: zeros
-        full = full.at[:, pk:pk + packed.source.shape[1]].set(flat[packed.source])
-        return full if pre is None else full.at[:, :pk].set(jnp.repeat(pre, full.shape[0] // k, axis=0))
+        return full.at[:, pk:pk + packed.source.shape[1]].set(flat[packed.source])
 
-    pre = (None, None) if prefix is None else (prefix.k, prefix.v)
-    new = KVCache(*[[place(f, d, None if p is None else p[i]) for i, (f, d) in enumerate(zip(fs, ds))]
-                    for fs, ds, p in zip(cache, out.cache, pre)])
+    new = jax.tree_util.tree_map(place, cache, out.cache)
+    new = new if prefix is None else _fill_prefix(new, prefix)
     hidden = out.hidden.reshape(rows * width, -1)[packed.last]
     return new, jnp.argmax(unembed(params, cfg, hidden[:, None])[:, -1], axis=-1).astype(jnp.int32)
 
