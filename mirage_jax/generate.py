@@ -72,7 +72,7 @@ from mirage_jax.model.transformer import (
     positions_from_mask,
     unembed,
 )
-from mirage_jax.tokens import bucket, first_fit, rows_bucket, split_pays, vocab_texts
+from mirage_jax.tokens import bucket, first_fit, member_rows, split_pays, vocab_texts
 
 StopFn = Callable[[str], bool]
 
@@ -241,9 +241,7 @@ def _pack_prompts(rows: Sequence[Sequence[int]], slots: Sequence[int], batch: in
         where, n = first_fit([rests[i] for i in mine], width)
         place.update({i: (m, *w) for i, w in zip(mine, where)})
         used = max(used, n)
-    r = used  # rows per member: the fewest whose total is a packed-rows bucket
-    while rows_bucket(k * r) != k * r:
-        r += 1
+    r = member_rows(used, k)
     if not split_pays(k * r * width, unpacked):
         return None
     tokens, segments = np.full((k * r, width), pad_id, np.int32), np.full((k * r, width), -1, np.int32)
@@ -501,12 +499,7 @@ def _shared_prefix(params: Any, cfg: ModelConfig, rows: Sequence[Sequence[int]],
         return 0
     if cfg.sliding_window is not None and cfg.sliding_window < prompt_slots + new_slots:
         return 0
-    return 0 if has_adapters(_structure(params)) else common
-
-
-def _structure(params: Any) -> Any:
-    """A pytree of the model's structure (for an `EditStack`, one holding its stacked leaves)."""
-    return params.params_of(params.leaves) if isinstance(params, EditStack) else params
+    return 0 if has_adapters(stack.structure(params)) else common
 
 
 def _text_stops(tokenizer: Any, out: np.ndarray, step: int, stopped: Sequence[int | None],
@@ -589,7 +582,7 @@ def _generate_batch(
     # blocks of rows, each in its own bucket: not on a mesh (rows split across devices), nor with
     # adapters (their routing looks at the whole call's last prompt token)
     by = b // k if k > 1 else PREFILL_BLOCK
-    plain = mesh is not None or has_adapters(_structure(params))
+    plain = mesh is not None or has_adapters(stack.structure(params))
     blocks = [(0, p - pk)] if plain else _prefill_blocks(rows, slots, b, by, shared, p - pk)
     packed = None if plain else _pack_prompts(rows, slots, b, k, shared, p - pk, pad,
                                               sum((by if len(blocks) > 1 else b) * w for _, w in blocks))

@@ -48,6 +48,17 @@ def rows_bucket(n: int) -> int:
     return bucket(n, 1) if n <= 8 else -(-n // 8) * 8
 
 
+def member_rows(used: int, k: int) -> int:
+    """Rows per member of a packed batch of `k` edit-stack members (member-major, the same count
+    each) where some member needs `used`: the fewest whose total is a packed-rows bucket, or whose
+    own count is one -- whichever comes first. The total alone gave 3 members 8 rows each (24, a
+    bucket) where each needed 1; the count alone gave 16 members 4 rows each (64) where 3 (48) do."""
+    r = used
+    while rows_bucket(k * r) != k * r and rows_bucket(r) != r:
+        r += 1
+    return r
+
+
 def split_pays(split: int, whole: int) -> bool:
     """Whether a batch is worth padding in parts (`split` positions: each part to its own bucket) over
     once (`whole` positions): when that saves a quarter or more. A compute-bound forward (a CPU's

@@ -152,12 +152,12 @@ def test_target_length_adds_no_compiled_shape_within_a_row_bucket(tiny):
     prompt = " ".join(f"t{i}" for i in range(10, 30))
     targets = ["t50 t51", "t60 t61 t62 t63 t64 t65 t66"]
     hp = FTConfig(layers=(1,), num_steps=2)
-    loops, scorers = ft._optimise._cache_size(), synthetic._argmax_tokens._cache_size()
+    loops, scorers = ft._optimise._cache_size(), synthetic._argmax_packed._cache_size()
     for target in targets:
         new, _ = ft_edit(tiny.params, tiny.cfg, tiny.tokenizer, [prompt], [target], hp)
         token_accuracy(new, tiny.cfg, tiny.tokenizer, [prompt], [target])
     assert ft._optimise._cache_size() - loops == 1
-    assert synthetic._argmax_tokens._cache_size() - scorers == 1
+    assert synthetic._argmax_packed._cache_size() - scorers == 1
 
 
 EACH_PROMPTS = ["t10 t11 t12", "t20 t21", "t30 t31 t32 t33 t34 t35 t36", "t40"]

@@ -249,11 +249,48 @@ def test_a_stack_prefills_each_member_in_its_own_bucket(tiny, monkeypatch, head)
         gen.generate_ids(members[2], tiny.cfg, tiny.tokenizer, [prompts[1]], **kw)[0].ids  # the members differ
 
 
+def _head_edit(model, seed: int):
+    """An edit of the final norm: a stack of these also runs the LM head per member."""
+    scale = np.asarray(model.params["final_norm"]["scale"])
+    noise = np.random.default_rng(seed).standard_normal(scale.shape).astype(scale.dtype)
+    return {**model.params, "final_norm": {**model.params["final_norm"], "scale": jnp.asarray(scale + noise)}}
+
+
+@pytest.mark.parametrize("kind", ["mlp", "attention", "head"])
+def test_packed_synthetic_scores_of_a_stack_are_each_members(tiny, monkeypatch, kind):
+    """The default path: every member's samples packed into its own rows of one call (MLP edits run
+    only those MLPs per member, attention / final-norm edits the whole forward and LM head), member
+    0's two rows over two rounds (batch_size 1) -- each sample scored as its member alone scores it.
+    Planted bugs caught: the reads laid out sample-major instead of member-major (a final-norm
+    stack reads them on the wrong member); a member's rows placed row-major across members."""
+    make = {"mlp": _rank_one, "attention": lambda m, s, **_: _q_edit(m, s),
+            "head": lambda m, s, **_: _head_edit(m, s)}[kind]
+    members = [make(tiny, s, scale=2.0, layer=0) for s in range(3)]
+    st = stack.build(tiny.params, members)
+    assert (stack.mlp_stacks(st) is None) == (kind != "mlp")
+    prompts, targets = list(TEXTS[:6]), ["t8 t9", "t70", "t71 t72 t73", "t8", "t9 t9", "t70 t8"]
+    prompts[1] = prompts[3] = " ".join(f"t{i % 60 + 3}" for i in range(40))  # rows of 64; member 0 needs 2
+    owner = [2, 0, 1, 0, 2, 1]
+    calls, fn = [], synthetic._argmax_packed
+    monkeypatch.setattr(synthetic, "_argmax_packed", lambda p, c, packed: calls.append(packed.tokens.shape) or fn(
+        p, c, packed))
+    got = synthetic.predicted_target_tokens(st, tiny.cfg, tiny.tokenizer, prompts, targets, batch_size=1,
+                                            members=owner)
+    assert calls == [(3, 64), (3, 64)], calls  # 3 members x 1 row, two rounds (member 0 has 2 rows)
+    for i, (p, t, m) in enumerate(zip(prompts, targets, owner)):
+        [(pred, gold)] = synthetic._padded_scores(members[m], tiny.cfg, tiny.tokenizer, [p], [t], 1, True, None)
+        np.testing.assert_array_equal(got[i][0], pred)
+        np.testing.assert_array_equal(got[i][1], gold)
+    other = [synthetic.predicted_target_tokens(members[(m + 1) % 3], tiny.cfg, tiny.tokenizer, [p], [t])[0][0]
+             for p, t, m in zip(prompts, targets, owner)]
+    assert any(not np.array_equal(o, g[0]) for o, g in zip(other, got))  # the premise: the members differ
+
+
 @pytest.mark.parametrize("long", [False, True])
-def test_synthetic_scores_of_a_stack_are_each_members(tiny, monkeypatch, long):
-    """One stacked pass, or (one member's sample is long: a stacked pass would pad every row to it)
-    member by member, each in its own bucket -- either way each member's own scores. Planted bug
-    caught: member by member, every sample scored on member 0."""
+def test_padded_synthetic_scores_of_a_stack_are_each_members(tiny, monkeypatch, long):
+    """The padded path (adapters, a mesh): one stacked pass, or (one member's sample is long: a
+    stacked pass would pad every row to it) member by member, each in its own bucket -- either way
+    each member's own scores. Planted bug caught: member by member, every sample scored on member 0."""
     members = [_rank_one(tiny, s, scale=2.0, layer=0) for s in range(3)]
     st = stack.build(tiny.params, members)
     prompts, targets = list(TEXTS[:6]), ["t8 t9", "t70", "t71 t72 t73", "t8", "t9 t9", "t70 t8"]
@@ -262,16 +299,12 @@ def test_synthetic_scores_of_a_stack_are_each_members(tiny, monkeypatch, long):
         prompts[1] = " ".join(f"t{i % 60 + 3}" for i in range(40))
     chose, fn = [], synthetic._member_by_member
     monkeypatch.setattr(synthetic, "_member_by_member", lambda *a: chose.append(fn(*a)) or chose[-1])
-    got = synthetic.predicted_target_tokens(st, tiny.cfg, tiny.tokenizer, prompts, targets, batch_size=2,
-                                            members=owner)
+    got = synthetic._padded_scores(st, tiny.cfg, tiny.tokenizer, prompts, targets, 2, True, owner)
     assert chose == [long]
     for i, (p, t, m) in enumerate(zip(prompts, targets, owner)):
         [(pred, gold)] = synthetic.predicted_target_tokens(members[m], tiny.cfg, tiny.tokenizer, [p], [t])
         np.testing.assert_array_equal(got[i][0], pred)
         np.testing.assert_array_equal(got[i][1], gold)
-    other = [synthetic.predicted_target_tokens(members[(m + 1) % 3], tiny.cfg, tiny.tokenizer, [p], [t])[0][0]
-             for p, t, m in zip(prompts, targets, owner)]
-    assert any(not np.array_equal(o, g[0]) for o, g in zip(other, got))  # the premise: the members differ
 
 
 def test_grouping_and_degenerate_stacks(tiny):

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 import golden
+from mirage_jax.evaluation import synthetic
 from mirage_jax.evaluation.synthetic import locality_agreement, token_accuracy
-from mirage_jax.tokens import EditInputError, first_fit, make_batch, rows_bucket, split_prompt_target
+from mirage_jax.tokens import EditInputError, first_fit, make_batch, member_rows, rows_bucket, split_prompt_target
 
 # (prompt, target, the target's tokens in context). "Ġ" is the byte-level BPE space.
 SPLITS = [
@@ -122,6 +123,28 @@ def test_token_accuracy_is_teacher_forced_target_accuracy(default_model):
     assert got == pytest.approx(expected, abs=1e-12)
 
 
+def test_packed_scores_are_each_samples_own(default_model, monkeypatch):
+    """The packed pass (samples several to a row, rounds of `batch_size` rows) predicts, sample by
+    sample, what the left-padded pass predicts -- on the default model, where the golden table
+    above pins the padded pass to transformers. Planted bugs caught: the segment mask dropped (a
+    sample sees the one packed before it); positions counted over the row, not the sample; the
+    reads one slot late."""
+    tok = default_model.tokenizer
+    prompts, targets, _ = (list(col) for col in zip(*ACCURACY))
+    prompts += ["Q: Who wrote Hamlet? A:", "The largest ocean on Earth is the"]
+    targets += ["William Shakespeare", "Pacific Ocean"]
+    calls, fn = [], synthetic._argmax_packed
+    monkeypatch.setattr(synthetic, "_argmax_packed", lambda p, c, packed: calls.append(packed) or fn(p, c, packed))
+    got = synthetic.predicted_target_tokens(default_model.params, default_model.cfg, tok, prompts, targets,
+                                            batch_size=4)
+    assert [c.tokens.shape for c in calls] == [(4, 16), (4, 16)]  # 9 samples in 7 rows of 16: two rounds
+    assert sum(len(set(row[row >= 0].tolist())) == 2 for c in calls for row in c.segments) == 2  # 10 + 6 twice
+    want = synthetic._padded_scores(default_model.params, default_model.cfg, tok, prompts, targets, 3, True, None)
+    for i, ((pred, gold), (pred_w, gold_w)) in enumerate(zip(got, want)):
+        np.testing.assert_array_equal(gold, gold_w, err_msg=str(i))
+        np.testing.assert_array_equal(pred, pred_w, err_msg=str(i))
+
+
 def test_locality_agreement_is_the_fraction_of_equal_positions():
     pre = [np.array([5, 6, 7]), np.array([1, 2]), np.array([9])]
     post = [np.array([5, 0, 7]), np.array([3, 4]), np.array([9])]
@@ -134,3 +157,27 @@ def test_first_fit_packs_longest_first_into_the_first_row_with_room():
     with pytest.raises(ValueError, match="11 tokens"):
         first_fit([4, 11], 10)
     assert [rows_bucket(n) for n in (1, 3, 5, 8, 9, 40, 41)] == [1, 4, 8, 8, 16, 40, 48]
+    # rows per member: a bucketed total (16 x 3 = 48) or a bucketed count (3 x 1), the first reached
+    assert [member_rows(u, k) for u, k in ((3, 16), (1, 3), (3, 3), (5, 1), (9, 1), (2, 5))] == [3, 1, 4, 8, 16, 2]
+
+
+def test_packed_scores_count_positions_per_sample(tmp_path):
+    """On a learned-position model (GPT-2's table; under RoPE a sample's positions shifted by its
+    first slot give the same scores) the packed pass still predicts what each sample's own padded
+    row does. Planted bug caught: positions counted over the row, not the sample."""
+    from mirage_jax.model import load_model
+    from tiny import save_tiny
+
+    m = load_model(save_tiny("gpt2", tmp_path / "ckpt", seed=3, attn_gain=4.0))
+    prompts = ["t10 t11 t5", "t20 t21 t22 t23", "t33 t9", "t40 t41 t42", "t50 t51 t52 t53 t54 t55 t56", "t60"]
+    targets = ["t8 t9", "t70", "t71 t72 t73", "t8", "t9 t9 t9", "t70 t8"]
+    got = synthetic.predicted_target_tokens(m.params, m.cfg, m.tokenizer, prompts, targets)
+    want = synthetic._padded_scores(m.params, m.cfg, m.tokenizer, prompts, targets, 32, True, None)
+    packed, _ = synthetic._pack_scores([split_prompt_target(m.tokenizer, p, t) for p, t in zip(prompts, targets)],
+                                       [0] * 6, 1, 32, 0)[0]
+    assert packed.tokens.shape == (4, 16)  # 6 samples in 3 rows
+    assert max(len(set(row[row >= 0].tolist())) for row in packed.segments) == 3
+    for i, ((pred, gold), (pred_w, gold_w)) in enumerate(zip(got, want)):
+        np.testing.assert_array_equal(gold, gold_w, err_msg=str(i))
+        np.testing.assert_array_equal(pred, pred_w, err_msg=str(i))
+

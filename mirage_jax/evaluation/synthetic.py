@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,11 +23,12 @@ import numpy as np
 from mirage_jax import distributed
 from mirage_jax.editing.common import loss_reads
 from mirage_jax.generate import generate_ids
-from mirage_jax.model import stack
+from mirage_jax.model import sharding, stack
+from mirage_jax.model.adapters import has_adapters
 from mirage_jax.model.config import ModelConfig
 from mirage_jax.model.stack import EditStack
 from mirage_jax.model.transformer import forward, unembed
-from mirage_jax.tokens import bucket, make_batch, split_pays, split_prompt_target
+from mirage_jax.tokens import bucket, first_fit, make_batch, member_rows, split_pays, split_prompt_target
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
@@ -53,14 +54,28 @@ def predicted_target_tokens(
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per sample: (argmax predictions over the target span, gold target ids). `add_special_tokens`
     False for prompts that hold them already (chat-wrapped). `members`: with an `EditStack` as
-    params, the stacked edit each sample is scored on (ignored for plain params)."""
+    params, the stacked edit each sample is scored on (ignored for plain params).
+
+    Samples are packed several to a row (`_pack_scores`) unless the params have adapters (their
+    routing reads each row's last prompt token) or lie on a device mesh; then each sample has a
+    left-padded row of its own (`_padded_scores`)."""
+    if sharding.mesh_of(params) is None and not has_adapters(stack.structure(params)):
+        return _packed_scores(params, cfg, tokenizer, prompts, targets, batch_size, add_special_tokens, members)
+    return _padded_scores(params, cfg, tokenizer, prompts, targets, batch_size, add_special_tokens, members)
+
+
+def _padded_scores(params: Any, cfg: ModelConfig, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str],
+                   batch_size: int, add_special_tokens: bool,
+                   members: Sequence[int] | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`predicted_target_tokens`, one left-padded row per sample: batches sorted by length, an edit
+    stack's either stacked (member-major rows) or member by member (`_member_by_member`)."""
     if isinstance(params, EditStack) and _member_by_member(tokenizer, prompts, targets, add_special_tokens, members,
                                                            params.size, batch_size):
         out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(prompts)
         for m in sorted(set(members)):
             idx = [i for i, owner in enumerate(members) if owner == m]
-            for i, pair in zip(idx, predicted_target_tokens(params.member(m), cfg, tokenizer, [prompts[i] for i in idx],
-                                                            [targets[i] for i in idx], batch_size, add_special_tokens)):
+            for i, pair in zip(idx, _padded_scores(params.member(m), cfg, tokenizer, [prompts[i] for i in idx],
+                                                   [targets[i] for i in idx], batch_size, add_special_tokens, None)):
                 out[i] = pair
         return out  # type: ignore[return-value]
     if isinstance(params, EditStack):
@@ -83,6 +98,95 @@ def predicted_target_tokens(
         gold, n_read = np.asarray(reads.tok), np.asarray(reads.mask).sum(1).astype(int)
         for slot, i in zip(slots, items):
             out[i] = (pred[slot, : n_read[slot]], gold[slot, : n_read[slot]])
+    return out  # type: ignore[return-value]
+
+
+class _PackedScores(NamedTuple):
+    """Teacher-forced rows (prompt + target) packed several to a row for one forward (`_pack_scores`)."""
+
+    tokens: np.ndarray  # [K*R, W] the samples' ids, first fit by decreasing length; member m's R rows at m*R
+    segments: np.ndarray  # [K*R, W] the sample each slot holds, -1 where empty
+    positions: np.ndarray  # [K*R, W] each token's position in its own sample
+    reads: np.ndarray  # [K*Q] flat slot (row * W + slot) before each target token, member m's Q at m*Q
+
+
+def _pack_scores(rows: Sequence[tuple[Sequence[int], int]], owners: Sequence[int], k: int, cap: int,
+                 pad_id: int) -> list[tuple[_PackedScores, list[tuple[int, int, int]]]]:
+    """`rows` (ids, prompt tokens) packed into rows of W = bucket(longest) slots, each of the `k`
+    members' samples (`owners`) first fit into its own rows, in rounds of at most `cap` rows per
+    member: per round the packing and, per sample in it, (sample, its first read, its read count).
+
+    Rows per member are the same for every member (an edit stack runs member-major blocks), the
+    fewest whose total is a packed-rows bucket; the reads (the LM head's rows) per member a quarter
+    of its slots, more only where the targets need it -- so the shapes follow the rows (a few
+    programs per run), as `read_slots` does for the padded layout."""
+    width = bucket(max(len(ids) for ids, _ in rows))
+    mine = [[i for i, m in enumerate(owners) if m == member] for member in range(k)]
+    place: dict[int, tuple[int, int, int]] = {}  # sample -> (member, row within the member's, first slot)
+    used = 0
+    for member, idx in enumerate(mine):
+        where, n = first_fit([len(rows[i][0]) for i in idx], width)
+        place.update({i: (member, *w) for i, w in zip(idx, where)})
+        used = max(used, n)
+    out = []
+    for first in range(0, used, cap):
+        r = member_rows(min(cap, used - first), k)
+        here = sorted((i for i, (_, row, _) in place.items() if first <= row < first + cap), key=lambda i: place[i])
+        n_reads = [0] * k
+        for i in here:
+            n_reads[place[i][0]] += len(rows[i][0]) - rows[i][1]
+        q = max(bucket(max(n_reads), 4), r * width // 4)
+        tokens, segments = np.full((k * r, width), pad_id, np.int32), np.full((k * r, width), -1, np.int32)
+        positions, reads = np.zeros((k * r, width), np.int32), np.zeros((k * q,), np.int32)
+        spans, filled = [], [0] * k
+        for i in here:
+            (ids, n_prompt), (member, row, slot) = rows[i], place[i]
+            row = member * r + row - first
+            tokens[row, slot:slot + len(ids)], segments[row, slot:slot + len(ids)] = ids, i
+            positions[row, slot:slot + len(ids)] = np.arange(len(ids))
+            at, n = member * q + filled[member], len(ids) - n_prompt  # token t is predicted at slot t - 1
+            reads[at:at + n] = row * width + slot + np.arange(n_prompt - 1, len(ids) - 1)
+            spans.append((i, at, n))
+            filled[member] += n
+        out.append((_PackedScores(tokens, segments, positions, reads), spans))
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _argmax_packed(params: Any, cfg: ModelConfig, packed: _PackedScores) -> jax.Array:
+    """Argmax next token at `packed.reads` of one forward over packed rows: each token sees the
+    earlier tokens of its own sample only (segment mask, positions per sample), so it predicts what
+    its sample's own left-padded row would; the LM head runs at the reads only."""
+    seg = packed.segments
+    hidden = forward(params, cfg, packed.tokens, attn_mask=seg[:, :, None] == seg[:, None, :],
+                     positions=packed.positions, return_logits=False).hidden
+    at = hidden.reshape(-1, hidden.shape[-1])[packed.reads]
+    return jnp.argmax(unembed(params, cfg, at[:, None])[:, -1], axis=-1).astype(jnp.int32)
+
+
+def _packed_scores(params: Any, cfg: ModelConfig, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str],
+                   batch_size: int, add_special_tokens: bool,
+                   members: Sequence[int] | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`predicted_target_tokens` with the samples packed into shared rows (`_pack_scores`): at most
+    `batch_size` rows per member and call, an edit stack's members in one call (member-major rows).
+
+    Why: the pass is compute-bound on a CPU, and one left-padded row per sample pads to a power of
+    two: QAEdit's ~19-token rows filled 8-row member batches 32 or 64 wide, under half of them real
+    tokens, one call per member of a stack (a 32-sample main job: 17,664 positions for 8,504 tokens)."""
+    if not prompts:
+        return []
+    rows = [split_prompt_target(tokenizer, p, t, add_special_tokens) for p, t in zip(prompts, targets)]
+    k = params.size if isinstance(params, EditStack) else 1
+    if k > 1:
+        stack.layout(members, k, len(prompts), batch_size)  # checks every sample names a member
+    owners = list(members) if k > 1 else [0] * len(prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(prompts)
+    for packed, spans in _pack_scores(rows, owners, k, max(1, batch_size), pad):
+        pred = distributed.fetch(_argmax_packed(params, cfg, _PackedScores(*map(jnp.asarray, packed))))
+        for i, at, n in spans:
+            ids, n_prompt = rows[i]
+            out[i] = (pred[at:at + n], np.asarray(ids[n_prompt:], np.int32))
     return out  # type: ignore[return-value]
 
 

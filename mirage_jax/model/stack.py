@@ -62,6 +62,12 @@ class EditStack:
 jax.tree_util.register_dataclass(EditStack, data_fields=["base", "leaves"], meta_fields=["paths"])
 
 
+def structure(params: Any) -> Any:
+    """A pytree of the model's structure: `params` itself, or for an `EditStack` one holding its
+    stacked leaves (which adapters it has, say, whatever the members' values)."""
+    return params.params_of(params.leaves) if isinstance(params, EditStack) else params
+
+
 def mlp_stacks(st: EditStack) -> dict[int, EditStack] | None:
     """Per layer with stacked leaves, an `EditStack` of that layer's ``mlp`` subtree -- when every
     stacked leaf lies under some layer's ``mlp`` (FT, ROME, MEMIT, GRACE, WISE edits); else None.
