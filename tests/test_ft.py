@@ -9,10 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mirage_jax.editing.ft import FTConfig, _pack, ft_edit, ft_edit_each
+from mirage_jax.editing.common import loss_reads
+from mirage_jax.editing.ft import FTConfig, _flat_reads, _pack, ft_edit, ft_edit_each
 from mirage_jax.evaluation.synthetic import token_accuracy
 from mirage_jax.model import load_model
 from mirage_jax.model.transformer import forward
+from mirage_jax.tokens import make_batch
 from tiny import save_tiny
 
 PROMPTS, TARGETS = ["t10 t11 t12", "t20 t21"], ["t50 t51", "t60"]
@@ -223,3 +225,27 @@ def test_packing_places_every_token_once():
         np.testing.assert_array_equal(pk.positions.reshape(-1)[slots], np.arange(n))
         assert len(set((slots // width).tolist())) <= 1  # one row per request
     assert (pk.segments >= 0).sum() == sum(lengths)
+
+
+@pytest.mark.parametrize("objective", ["target_new", "prompt_last"])
+def test_flat_reads_point_into_each_requests_own_segment(tiny, objective):
+    """`_flat_reads`: one read per target token, request-major, each at a packed slot of its own
+    request's segment -- FT-M's the slot just before its token, FT-L's the last prompt token -- and
+    a quarter of the packing's slots in all. Planted bug caught (the loop tests missed it: Adam is
+    blind to a gradient's scale): the owners in the wrong order."""
+    prompts, targets = EACH_PROMPTS + ["t90 t91"], EACH_TARGETS + ["t92 t93 t94 t95"]
+    b = make_batch(tiny.tokenizer, prompts, targets, batch_bucket=False)
+    pk = _pack(b.tokens, b.attn_mask)
+    fr = _flat_reads(loss_reads(b.tokens, b.target_mask, b.prompt_last, objective), pk)
+    n = int(b.target_mask.sum())
+    assert len(fr.slot) == max(16, pk.tokens.size // 4) and fr.valid.sum() == n and not fr.valid[n:].any()
+    want = np.concatenate([b.tokens[r][b.target_mask[r] > 0] for r in range(len(prompts))])
+    np.testing.assert_array_equal(fr.tok[:n], want)
+    np.testing.assert_array_equal(fr.owner[:n], np.repeat(np.arange(len(prompts)), b.target_mask.sum(1).astype(int)))
+    np.testing.assert_array_equal(pk.segments.reshape(-1)[fr.slot[:n]], fr.owner[:n])
+    if objective == "target_new":
+        np.testing.assert_array_equal(pk.tokens.reshape(-1)[fr.slot[:n] + 1], want)
+    else:
+        last = pk.flat[np.arange(len(prompts)), b.prompt_last]
+        np.testing.assert_array_equal(fr.slot[:n], last[fr.owner[:n]])
+
