@@ -2,7 +2,8 @@
 
 Every target token is predicted from the *gold* prefix; the score is the fraction of target
 tokens whose argmax equals the gold token. Locality compares post-edit argmax tokens with the
-pre-edit ones over the locality answer span. One jitted forward per (batch, length) bucket.
+pre-edit ones over the locality answer span. The samples are packed several to a row, segment-
+masked (`_pack_scores`): one jitted forward per round of rows, an edit stack's members together.
 
 The seed scores GRACE differently (spec 2.2): greedy generation of |target| tokens from the prompt,
 position-wise accuracy against the target ids, plus a macro-F1. `generated_target_tokens` /
