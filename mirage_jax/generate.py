@@ -72,7 +72,7 @@ from mirage_jax.model.transformer import (
     positions_from_mask,
     unembed,
 )
-from mirage_jax.tokens import bucket, first_fit, member_rows, split_pays, vocab_texts
+from mirage_jax.tokens import bucket, first_fit_members, member_rows, split_pays, vocab_texts
 
 StopFn = Callable[[str], bool]
 
@@ -234,13 +234,7 @@ def _pack_prompts(rows: Sequence[Sequence[int]], slots: Sequence[int], batch: in
     per = batch // k
     rests = [len(r) - shared for r in rows]
     width = min(bucket(max(rests)), rest_slots)
-    place: dict[int, tuple[int, int]] = {}
-    used = 0
-    for m in range(k):
-        mine = [i for i, s in enumerate(slots) if s // per == m]
-        where, n = first_fit([rests[i] for i in mine], width)
-        place.update({i: (m, *w) for i, w in zip(mine, where)})
-        used = max(used, n)
+    place, used = first_fit_members(rests, [s // per for s in slots], k, width)
     r = member_rows(used, k)
     if not split_pays(k * r * width, unpacked):
         return None

@@ -42,6 +42,21 @@ def first_fit(lengths: Sequence[int], width: int) -> tuple[list[tuple[int, int]]
     return place, len(free)
 
 
+def first_fit_members(lengths: Sequence[int], owners: Sequence[int], k: int,
+                      width: int) -> tuple[dict[int, tuple[int, int, int]], int]:
+    """`first_fit` of each of `k` edit-stack members' sequences (`owners`) into rows of its own: each
+    sequence's ``(member, row among the member's, first slot)`` and the most rows a member uses (a
+    stack runs member-major blocks of equal rows: `member_rows`)."""
+    place: dict[int, tuple[int, int, int]] = {}
+    used = 0
+    for member in range(k):
+        mine = [i for i, m in enumerate(owners) if m == member]
+        where, n = first_fit([lengths[i] for i in mine], width)
+        place.update({i: (member, *w) for i, w in zip(mine, where)})
+        used = max(used, n)
+    return place, used
+
+
 def rows_bucket(n: int) -> int:
     """Rows of a packed batch: a power of two up to 8, then multiples of 8 -- a packed batch of ~100
     rows padded to 128 would give back much of what packing saved."""

@@ -29,7 +29,7 @@ from mirage_jax.model.adapters import has_adapters
 from mirage_jax.model.config import ModelConfig
 from mirage_jax.model.stack import EditStack
 from mirage_jax.model.transformer import forward, unembed
-from mirage_jax.tokens import bucket, first_fit, make_batch, member_rows, split_pays, split_prompt_target
+from mirage_jax.tokens import bucket, first_fit_members, make_batch, member_rows, split_pays, split_prompt_target
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
@@ -122,13 +122,7 @@ def _pack_scores(rows: Sequence[tuple[Sequence[int], int]], owners: Sequence[int
     of its slots, more only where the targets need it -- so the shapes follow the rows (a few
     programs per run), as `read_slots` does for the padded layout."""
     width = bucket(max(len(ids) for ids, _ in rows))
-    mine = [[i for i, m in enumerate(owners) if m == member] for member in range(k)]
-    place: dict[int, tuple[int, int, int]] = {}  # sample -> (member, row within the member's, first slot)
-    used = 0
-    for member, idx in enumerate(mine):
-        where, n = first_fit([len(rows[i][0]) for i in idx], width)
-        place.update({i: (member, *w) for i, w in zip(idx, where)})
-        used = max(used, n)
+    place, used = first_fit_members([len(ids) for ids, _ in rows], owners, k, width)
     out = []
     for first in range(0, used, cap):
         r = member_rows(min(cap, used - first), k)
