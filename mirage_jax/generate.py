@@ -68,6 +68,7 @@ from mirage_jax.model.transformer import (
     Params,
     forward,
     init_cache,
+    map_slots,
     params_dtype,
     positions_from_mask,
     unembed,
@@ -165,9 +166,12 @@ def _prefill_impl(params: Params, cfg: ModelConfig, tokens: jax.Array, mask: jax
 def _fill_prefix(cache: KVCache, prefix: KVCache) -> KVCache:
     """Slots ``[0, Pk)`` of every row of `cache` get the shared prefix's keys / values (`_prefix_cache`,
     ``[K, Pk]``: one row per stacked edit, its member's rows member-major, hence `repeat`, not `tile`)."""
-    k, pk = prefix.k[0].shape[:2]
-    fill = lambda full, part: full.at[:, :pk].set(jnp.repeat(part, full.shape[0] // k, axis=0))  # noqa: E731
-    return jax.tree_util.tree_map(fill, cache, prefix)
+    k = prefix.k[0].shape[0]
+
+    def fill(full: jax.Array, part: jax.Array, axis: int) -> jax.Array:
+        return jax.lax.dynamic_update_slice_in_dim(full, jnp.repeat(part, full.shape[0] // k, axis=0), 0, axis)
+
+    return map_slots(fill, cache, prefix)
 
 
 # The empty cache is donated: filled in place.
@@ -269,12 +273,13 @@ def _prefill_packed(params: Params, cfg: ModelConfig, cache: KVCache, packed: _P
     out = forward(params, cfg, packed.tokens, attn_mask=own, positions=packed.positions, cache=part,
                   cache_index=pk, return_logits=False)
 
-    def place(full: jax.Array, done: jax.Array) -> jax.Array:
-        flat = done[:, pk:].reshape((rows * width,) + done.shape[2:])
+    def place(full: jax.Array, done: jax.Array, axis: int) -> jax.Array:
+        packed_slots = jnp.moveaxis(done, axis, 1)[:, pk:]  # [rows, W, ...]: slots second, as `source` counts
+        flat = packed_slots.reshape((rows * width,) + packed_slots.shape[2:])
         flat = jnp.concatenate([flat, jnp.zeros_like(flat[:1])])  # the "none" slot: zeros
-        return full.at[:, pk:pk + packed.source.shape[1]].set(flat[packed.source])
+        return jax.lax.dynamic_update_slice_in_dim(full, jnp.moveaxis(flat[packed.source], 1, axis), pk, axis)
 
-    new = jax.tree_util.tree_map(place, cache, out.cache)
+    new = map_slots(place, cache, out.cache)
     new = new if prefix is None else _fill_prefix(new, prefix)
     hidden = out.hidden.reshape(rows * width, -1)[packed.last]
     return new, jnp.argmax(unembed(params, cfg, hidden[:, None])[:, -1], axis=-1).astype(jnp.int32)

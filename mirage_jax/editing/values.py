@@ -50,7 +50,7 @@ from mirage_jax import distributed
 from mirage_jax.editing.locate import SubjectBatch, SubjectRow, locate_batch
 from mirage_jax.editing.templates import template_prefix
 from mirage_jax.model.config import ModelConfig
-from mirage_jax.model.transformer import KVCache, forward, positions_from_mask, unembed
+from mirage_jax.model.transformer import KVCache, forward, kv_shapes, positions_from_mask, unembed
 from mirage_jax.tokens import bucket
 
 V_SITES = ("mlp_out", "residual")
@@ -179,10 +179,10 @@ def _optimise(params, cfg: ModelConfig, vs: ValueSettings, suffix: int, tokens, 
     else:
         # One pass at δ = 0 fills the keys/values of layers ℓ+1.. at every position; a step
         # overwrites slots start.. with its own and reads the rest (the unchanged prefix).
-        dtype = hidden.dtype
-        empty = [None] * (layer + 1) + [jnp.zeros((tokens.shape[0], t, cfg.num_kv_heads, cfg.head_dim), dtype)
-                                        for _ in range(layer + 1, cfg.num_layers)]
-        zero = upper(hidden, positions=positions, cache=KVCache(list(empty), list(empty)), cache_index=0)
+        upper_layers = range(layer + 1, cfg.num_layers)
+        empty = [[None] * (layer + 1) + [jnp.zeros(shape, hidden.dtype) for _ in upper_layers]
+                 for shape in kv_shapes(cfg, tokens.shape[0], t)]
+        zero = upper(hidden, positions=positions, cache=KVCache(*empty), cache_index=0)
         prefix = jax.tree_util.tree_map(jax.lax.stop_gradient, zero.cache)
         out0 = zero.hidden
 

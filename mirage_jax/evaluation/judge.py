@@ -45,7 +45,7 @@ import numpy as np
 
 from mirage_jax import distributed, io
 from mirage_jax.evaluation.answers import contains_answer, exact_match
-from mirage_jax.model.transformer import KVCache, forward, init_cache, params_dtype, unembed
+from mirage_jax.model.transformer import KVCache, forward, init_cache, map_slots, params_dtype, unembed
 from mirage_jax.tokens import bucket
 
 log = logging.getLogger(__name__)
@@ -368,11 +368,13 @@ def _letter_logits(params: Any, cfg: Any, prefix: KVCache, tokens: jax.Array, ma
     the LM head, which is applied to the last position only.
     """
     b, s = tokens.shape
-    grow = lambda x: jnp.concatenate(  # noqa: E731
-        [jnp.broadcast_to(x, (b, *x.shape[1:])), jnp.zeros((b, s, *x.shape[2:]), x.dtype)], axis=1)
-    cache = KVCache([grow(k) for k in prefix.k], [grow(v) for v in prefix.v])
-    hidden = forward(params, cfg, tokens, attn_mask=mask, positions=positions, cache=cache,
-                     cache_index=prefix.k[0].shape[1], return_logits=False).hidden
+
+    def grow(x: jax.Array, axis: int) -> jax.Array:  # every row: the prefix, then s empty slots
+        x = jnp.broadcast_to(x, (b, *x.shape[1:]))
+        return jnp.concatenate([x, jnp.zeros(x.shape[:axis] + (s,) + x.shape[axis + 1:], x.dtype)], axis=axis)
+
+    hidden = forward(params, cfg, tokens, attn_mask=mask, positions=positions, cache=map_slots(grow, prefix),
+                     cache_index=prefix.slots, return_logits=False).hidden
     return unembed(params, cfg, hidden[:, -1:])[:, 0][:, letter_ids]
 
 

@@ -239,11 +239,12 @@ def batch_axis_size(mesh: Mesh | None, rules: Rules = DEFAULT_RULES) -> int:
 
 
 def cache_sharding(mesh: Mesh, cfg: Any, batch: int, rules: Rules = DEFAULT_RULES) -> NamedSharding:
-    """A KV cache layer `[B, S, H_kv, hd]`: rows on the batch axes, KV heads on theirs (each
-    device attends its own heads of its own rows, the layout the projections produce)."""
+    """A KV cache layer, keys `[B, H_kv, hd, S]` and values `[B, H_kv, S, hd]` alike: rows on the
+    batch axes, KV heads on theirs (each device attends its own heads of its own rows, the layout
+    the projections produce)."""
     rows = batch_sharding(mesh, 1, batch, rules).spec[0]
     heads = spec_for("kv_cache", (cfg.num_kv_heads,), ("kv_heads",), mesh, rules, cfg, warned=set())[0]
-    return NamedSharding(mesh, PartitionSpec(rows, None, heads, None))
+    return NamedSharding(mesh, PartitionSpec(rows, heads, None, None))
 
 
 def mesh_of(tree: Any) -> Mesh | None:

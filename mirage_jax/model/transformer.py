@@ -36,7 +36,7 @@ prefill to KV-cached decode steps. Params without such leaves run exactly as bef
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -52,11 +52,40 @@ Site = tuple[str, int]
 SITES = ("layer_in", "mlp_in", "mlp_key", "mlp_out", "residual")
 
 
+K_SLOT_AXIS, V_SLOT_AXIS = 3, 2  # where a cache layer's slots lie (see `KVCache`)
+
+
 class KVCache(NamedTuple):
-    """Per-layer keys/values ``[B, S, H_kv, hd]``; slot j of every row is absolute slot j."""
+    """Per-layer keys ``[B, H_kv, hd, S]`` and values ``[B, H_kv, S, hd]``; slot j of every row is
+    absolute slot j.
+
+    Why heads-major, with the keys' slots minor: a decode step's attention (`_attend_one`) reduces
+    each key over hd and the values over the slots, and XLA's CPU loops vectorise along the minor
+    axis -- with both in the projections' ``[B, S, H_kv, hd]`` layout the key reduction ran along hd
+    (a horizontal sum per slot): 128 rows x 192 slots took 3.3-4.1 ms a layer, 1.7 in this layout
+    (BUILD_NOTES, stop 21). A prompt's einsums read either layout as batched matmuls."""
 
     k: list[jax.Array]
     v: list[jax.Array]
+
+    @property
+    def slots(self) -> int:
+        return self.k[0].shape[K_SLOT_AXIS]
+
+
+def kv_shapes(cfg: ModelConfig, batch: int, length: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shapes of one layer's keys and values in a cache of `length` slots (`KVCache`)."""
+    return (batch, cfg.num_kv_heads, cfg.head_dim, length), (batch, cfg.num_kv_heads, length, cfg.head_dim)
+
+
+def map_slots(fn: Any, *caches: KVCache) -> KVCache:
+    """``fn(*arrays, axis)`` on every layer's keys and values of `caches`, `axis` their slot axis
+    (layers a cache leaves empty, None, stay None): one place that knows the layout."""
+    def each(xs: Sequence[Any], axis: int) -> Any:
+        return None if xs[0] is None else fn(*xs, axis)
+
+    return KVCache([each(xs, K_SLOT_AXIS) for xs in zip(*(c.k for c in caches))],
+                   [each(xs, V_SLOT_AXIS) for xs in zip(*(c.v for c in caches))])
 
 
 class ForwardOutput(NamedTuple):
@@ -73,9 +102,9 @@ def params_dtype(params: Any) -> Any:
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any) -> KVCache:
-    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
-    zeros = lambda: [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)]  # noqa: E731
-    return KVCache(zeros(), zeros())
+    k_shape, v_shape = kv_shapes(cfg, batch, length)
+    return KVCache([jnp.zeros(k_shape, dtype) for _ in range(cfg.num_layers)],
+                   [jnp.zeros(v_shape, dtype) for _ in range(cfg.num_layers)])
 
 
 def positions_from_mask(mask: jax.Array) -> jax.Array:
@@ -149,11 +178,13 @@ def _attention(
     if not cfg.learned_positions:
         q, k = _rope(cfg, q, positions), _rope(cfg, k, positions)
     new_cache = None
-    if cache_kv is not None:
-        ck = jax.lax.dynamic_update_slice_in_dim(cache_kv[0], k.astype(cache_kv[0].dtype), cache_index, 1)
-        cv = jax.lax.dynamic_update_slice_in_dim(cache_kv[1], v.astype(cache_kv[1].dtype), cache_index, 1)
-        k, v, new_cache = ck, cv, (ck, cv)
-    s = k.shape[1]
+    if cache_kv is not None:  # into the cache's layout (`KVCache`), which the attention then reads
+        ck = jax.lax.dynamic_update_slice_in_dim(cache_kv[0], k.transpose(0, 2, 3, 1).astype(cache_kv[0].dtype),
+                                                 cache_index, K_SLOT_AXIS)
+        cv = jax.lax.dynamic_update_slice_in_dim(cache_kv[1], v.transpose(0, 2, 1, 3).astype(cache_kv[1].dtype),
+                                                 cache_index, V_SLOT_AXIS)
+        new_cache = (ck, cv)
+    s = t if cache_kv is None else new_cache[0].shape[K_SLOT_AXIS]
     q_slot = cache_index + jnp.arange(t)
     k_slot = jnp.arange(s)
     seen = key_mask[:, None, :] if key_mask.ndim == 2 else key_mask
@@ -161,31 +192,43 @@ def _attention(
     if cfg.sliding_window is not None:
         allowed &= (k_slot[None, :] > q_slot[:, None] - cfg.sliding_window)[None]
     q = q.reshape(b, t, hk, hq // hk, hd)
-    if t == 1:
-        out = _attend_one(q[:, 0], k, v, allowed[:, 0]).astype(v.dtype)
-    else:
+    if cache_kv is None:
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-        scores = scores / np.sqrt(hd)
-        scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        probs = _probs(scores, allowed, hd, v.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
+    elif t == 1:
+        out = _attend_one(q[:, 0], *new_cache, allowed[:, 0]).astype(v.dtype)
+    else:
+        ck, cv = new_cache
+        scores = jnp.einsum("btkgd,bkds->bkgts", q, ck, preferred_element_type=jnp.float32)
+        probs = _probs(scores, allowed, hd, cv.dtype)
+        out = jnp.einsum("bkgts,bksd->btkgd", probs, cv, preferred_element_type=jnp.float32).astype(v.dtype)
     out = out.reshape(b, t, hq * hd)
     return _dense(p["o"], out), new_cache
 
 
+def _probs(scores: jax.Array, allowed: jax.Array, hd: int, dtype: Any) -> jax.Array:
+    """Attention weights from the float32 ``[B, Hk, G, T, S]`` dot products of queries and keys of
+    `hd` dims: scaled by 1/sqrt(hd), the keys outside ``allowed`` ``[B, T, S]`` left out, softmax."""
+    scores = jnp.where(allowed[:, None, None], scores / np.sqrt(hd), jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1).astype(dtype)
+
+
 def _attend_one(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
     """Attention of one new token per row (a decode step): q ``[B, Hk, G, hd]`` over the cache's
-    k, v ``[B, S, Hk, hd]`` (``allowed`` ``[B, S]``) -> ``[B, Hk, G, hd]`` float32.
+    keys ``[B, Hk, hd, S]`` and values ``[B, Hk, S, hd]`` (``allowed`` ``[B, S]``) -> ``[B, Hk, G, hd]``
+    float32.
 
     Written as broadcast products reduced over hd, then over S -- not the einsums of a prompt: for
     one query row XLA's CPU dot turns those into a transposed copy of the whole cache per layer and
-    step (at 128 rows x 160 slots, 310 of a 500 ms step), where a fused multiply-reduce reads the
-    cache once (90 ms). The sums are float32 whatever the cache dtype, as the einsums' are."""
+    step, where a fused multiply-reduce reads the cache once; in the cache's layout (`KVCache`) both
+    reductions run along a major axis, vectorised over the minor one. The sums are float32 whatever
+    the cache dtype, as the einsums' are."""
     f32 = jnp.float32
-    scores = (q[:, None].astype(f32) * k[:, :, :, None].astype(f32)).sum(-1) / np.sqrt(q.shape[-1])  # [B,S,Hk,G]
-    scores = jnp.where(allowed[:, :, None, None], scores, jnp.finfo(f32).min)
-    probs = jax.nn.softmax(scores, axis=1).astype(v.dtype)
-    return (probs[..., None].astype(f32) * v[:, :, :, None].astype(f32)).sum(1)
+    scores = (q[..., None].astype(f32) * k[:, :, None].astype(f32)).sum(3) / np.sqrt(q.shape[-1])  # [B,Hk,G,S]
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(f32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return (probs[..., None].astype(f32) * v[:, :, None].astype(f32)).sum(3)
 
 
 def _add_at(x: jax.Array, index: jax.Array, vector: jax.Array) -> jax.Array:
@@ -328,7 +371,7 @@ def forward(
     ref = hidden if hidden is not None else tokens
     b, t = ref.shape[0], ref.shape[1]
     if attn_mask is None:
-        attn_mask = jnp.ones((b, t if cache is None else cache.k[0].shape[1]), jnp.int32)
+        attn_mask = jnp.ones((b, t if cache is None else cache.slots), jnp.int32)
     if positions is None:
         if attn_mask.ndim != 2:
             raise ValueError("a [B, T, T] attention mask needs explicit positions")
