@@ -73,7 +73,7 @@ from mirage_jax.model.transformer import (
     positions_from_mask,
     unembed,
 )
-from mirage_jax.tokens import bucket, first_fit_members, member_rows, split_pays, vocab_texts
+from mirage_jax.tokens import bucket, first_fit_members, member_blocks, split_pays, vocab_texts
 
 StopFn = Callable[[str], bool]
 
@@ -218,19 +218,23 @@ def _prefill_blocks(rows: Sequence[Sequence[int]], slots: Sequence[int], batch: 
 class _PackedPrompts(NamedTuple):
     """A batch's prompt rests packed into shared rows for one prefill (`_pack_prompts`)."""
 
-    tokens: np.ndarray  # [K*R, W] the rests, first fit by decreasing length; member m's R rows at m*R
-    segments: np.ndarray  # [K*R, W] the prompt each slot holds, -1 where empty
-    positions: np.ndarray  # [K*R, W] each token's position in its whole prompt (after the shared prefix)
-    source: np.ndarray  # [B, rest slots] the packed slot (flat) of each cache slot's token; K*R*W: none
+    tokens: np.ndarray  # [K'*R, W] the rests, first fit by decreasing length; block j's R rows at j*R
+    segments: np.ndarray  # [K'*R, W] the prompt each slot holds, -1 where empty
+    positions: np.ndarray  # [K'*R, W] each token's position in its whole prompt (after the shared prefix)
+    source: np.ndarray  # [B, rest slots] the packed slot (flat) of each cache slot's token; K'*R*W: none
     last: np.ndarray  # [B] the packed slot (flat) of each row's last prompt token
+    # [K'] the edit-stack member each block of rows runs on (`tokens.member_blocks`); None: one block
+    # per member in member order (and for plain params)
+    members: np.ndarray | None = None
 
 
 def _pack_prompts(rows: Sequence[Sequence[int]], slots: Sequence[int], batch: int, k: int, shared: int,
-                  rest_slots: int, pad_id: int, unpacked: int) -> _PackedPrompts | None:
+                  rest_slots: int, pad_id: int, unpacked: int, max_blocks: int = 1) -> _PackedPrompts | None:
     """The prompt rests (after a `shared` prefix) packed into rows of W = bucket(longest rest) slots,
-    each member's (an edit stack's; rows `slots` // (batch / k)) into its own R rows, R the same for
-    every member -- or None where that does not save a quarter of the `unpacked` positions the
-    prefill blocks would take (`split_pays`).
+    each member's (an edit stack's; rows `slots` // (batch / k)) into rows of its own, in blocks of R
+    rows (`member_blocks`) -- or None where that does not save a quarter of the `unpacked` positions
+    the prefill blocks would take (`split_pays`). `max_blocks`: the most blocks the stack's leaves may
+    be repeated to (`_stack_blocks`).
 
     Why: a CPU prefill is compute-bound (~620 positions/s on the default model), and the blocks pad
     every rest to the longest of its block, up to a power of two: a WILD run's rests of ~20 tokens
@@ -238,20 +242,38 @@ def _pack_prompts(rows: Sequence[Sequence[int]], slots: Sequence[int], batch: in
     per = batch // k
     rests = [len(r) - shared for r in rows]
     width = min(bucket(max(rests)), rest_slots)
-    place, used = first_fit_members(rests, [s // per for s in slots], k, width)
-    r = member_rows(used, k)
-    if not split_pays(k * r * width, unpacked):
+    place, _ = first_fit_members(rests, [s // per for s in slots], k, width)
+    counts = np.zeros(k, np.int64)
+    for m, row, _ in place.values():
+        counts[m] = max(counts[m], row + 1)
+    r, members = member_blocks(counts, max_blocks)
+    n_rows = k * r if members is None else len(members)
+    if not split_pays(n_rows * width, unpacked):
         return None
-    tokens, segments = np.full((k * r, width), pad_id, np.int32), np.full((k * r, width), -1, np.int32)
-    positions = np.zeros((k * r, width), np.int32)
-    source, last = np.full((batch, rest_slots), k * r * width, np.int32), np.zeros((batch,), np.int32)
+    first_row = np.arange(k) * r if members is None else np.cumsum(counts) - counts  # each member's first row
+    tokens, segments = np.full((n_rows, width), pad_id, np.int32), np.full((n_rows, width), -1, np.int32)
+    positions = np.zeros((n_rows, width), np.int32)
+    source, last = np.full((batch, rest_slots), n_rows * width, np.int32), np.zeros((batch,), np.int32)
     for i, (m, row, slot) in place.items():
-        n, row = rests[i], m * r + row
+        n, row = rests[i], first_row[m] + row
         tokens[row, slot:slot + n], segments[row, slot:slot + n] = rows[i][shared:], i
         positions[row, slot:slot + n] = shared + np.arange(n)
         source[slots[i], rest_slots - n:] = row * width + slot + np.arange(n)
         last[slots[i]] = row * width + slot + n - 1
-    return _PackedPrompts(tokens, segments, positions, source, last)
+    return _PackedPrompts(tokens, segments, positions, source, last, members)
+
+
+REPEAT_BYTES = 1 << 30  # the most bytes of stacked leaves a packed prefill may repeat (`_stack_blocks`)
+
+
+def _stack_blocks(params: Any) -> int:
+    """The most blocks of rows a packed prefill may run an edit stack's members on (`member_blocks`):
+    its size, or as many as `REPEAT_BYTES` of repeated leaves allow -- the default model's FT-M
+    kernel (3.5 MB) hundreds, a 7B model's (90 MB in bf16) 11, so there the stack's own blocks."""
+    if not isinstance(params, EditStack):
+        return 1
+    per_member = sum(leaf.nbytes for leaf in params.leaves) // params.size
+    return max(params.size, REPEAT_BYTES // max(per_member, 1))
 
 
 @functools.partial(jax.jit, static_argnums=(1,), donate_argnums=(2,))
@@ -264,13 +286,18 @@ def _prefill_packed(params: Params, cfg: ModelConfig, cache: KVCache, packed: _P
     rows, width = packed.tokens.shape
     seg = packed.segments
     own = (seg[:, :, None] == seg[:, None, :]) | jnp.eye(width, dtype=bool)  # an empty slot sees itself
-    k, pk = (1, 0) if prefix_mask is None else prefix_mask.shape
+    run, run_prefix, run_mask = params, prefix, prefix_mask  # what the packed rows run on, block by block
+    if packed.members is not None:  # blocks of rows, each on its member: stacked leaves and prefixes repeated
+        take = lambda x: jnp.take(x, packed.members, axis=0)  # noqa: E731
+        run = dataclasses.replace(params, leaves=tuple(map(take, params.leaves)))
+        run_prefix, run_mask = jax.tree_util.tree_map(take, (prefix, prefix_mask))
+    k, pk = (1, 0) if prefix_mask is None else run_mask.shape
     part = init_cache(cfg, rows, pk + width, cache.k[0].dtype)
     if prefix is not None:  # each packed row sees its member's prefix, then its own prompt's earlier tokens
-        part = _fill_prefix(part, prefix)
-        seen_prefix = jnp.repeat(prefix_mask.astype(bool), rows // k, axis=0)[:, None]
+        part = _fill_prefix(part, run_prefix)
+        seen_prefix = jnp.repeat(run_mask.astype(bool), rows // k, axis=0)[:, None]
         own = jnp.concatenate([jnp.broadcast_to(seen_prefix, (rows, width, pk)), own], axis=-1)
-    out = forward(params, cfg, packed.tokens, attn_mask=own, positions=packed.positions, cache=part,
+    out = forward(run, cfg, packed.tokens, attn_mask=own, positions=packed.positions, cache=part,
                   cache_index=pk, return_logits=False)
 
     def place(full: jax.Array, done: jax.Array, axis: int) -> jax.Array:
@@ -584,10 +611,11 @@ def _generate_batch(
     plain = mesh is not None or has_adapters(stack.structure(params))
     blocks = [(0, p - pk)] if plain else _prefill_blocks(rows, slots, b, by, shared, p - pk)
     packed = None if plain else _pack_prompts(rows, slots, b, k, shared, p - pk, pad,
-                                              sum((by if len(blocks) > 1 else b) * w for _, w in blocks))
+                                              sum((by if len(blocks) > 1 else b) * w for _, w in blocks),
+                                              _stack_blocks(params))
     if packed is not None:  # every rest packed with others into shared rows: one call
         routes = {}
-        cache, nxt = _prefill_packed(params, cfg, cache, _PackedPrompts(*map(jnp.asarray, packed)), prefix_kv,
+        cache, nxt = _prefill_packed(params, cfg, cache, jax.tree_util.tree_map(jnp.asarray, packed), prefix_kv,
                                      jnp.asarray(prefix_mask) if shared else None)
     elif len(blocks) == 1:
         width = blocks[0][1]

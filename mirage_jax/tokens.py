@@ -74,6 +74,26 @@ def member_rows(used: int, k: int) -> int:
     return r
 
 
+def member_blocks(counts: Sequence[int], max_blocks: int) -> tuple[int, np.ndarray | None]:
+    """How a packed edit-stack batch lays out its rows when member m fills ``counts[m]`` of them: R
+    rows per block and the member each block runs on -- None for one block per member, in member
+    order (R = `member_rows`), or, where that takes fewer rows and at most `max_blocks` blocks, one
+    row per block: a member with several rows takes several blocks (its stacked leaves repeated, as
+    a compaction's member slots are), the filler blocks at the end run member 0.
+
+    Why: equal blocks give every member the rows of the one with the most -- a QAEdit stack of 16
+    whose one member had four rests of 52-62 tokens took 5 rows of 64 each (80 rows, more than its
+    prefill blocks held), where 56 rows hold every rest."""
+    k, counts = len(counts), [int(c) for c in counts]
+    r = member_rows(max(counts), k)
+    total = rows_bucket(sum(counts))
+    if total >= k * r or total > max_blocks:
+        return r, None
+    members = np.zeros(total, np.int32)
+    members[:sum(counts)] = np.repeat(np.arange(k), counts)
+    return 1, members
+
+
 def split_pays(split: int, whole: int) -> bool:
     """Whether a batch is worth padding in parts (`split` positions: each part to its own bucket) over
     once (`whole` positions): when that saves a quarter or more. A compute-bound forward (a CPU's

@@ -221,6 +221,41 @@ def test_a_stack_prefills_its_members_rests_packed_in_one_call(tiny, monkeypatch
     assert others != got  # the premise: another member answers some prompt otherwise
 
 
+@pytest.mark.parametrize("kind", ["mlp", "attention"])
+@pytest.mark.parametrize("head", [0, 14])
+def test_a_member_with_long_rests_takes_several_packed_blocks(tiny, monkeypatch, head, kind):
+    """Member 0 of 4 has four ~40-token rests (a row each), the others one row's worth (a 33-token rest
+    each, so their prefill blocks are as wide): equal blocks would give every member 4 rows, no fewer
+    positions than the blocks, so the packed prefill runs 8 blocks of one row -- member 0
+    on four of them, its leaves and prefix repeated (`tokens.member_blocks`) -- and every generation
+    equals the member's alone, for MLP edits (only those MLPs per block) and attention edits (the
+    whole forward per block). Planted bugs caught: a member's rows all run on its first block's
+    member (its leaves not repeated); the blocks' prefixes left in member order."""
+    make = (lambda s: _rank_one(tiny, s, scale=1.0, layer=0)) if kind == "mlp" else (lambda s: _q_edit(tiny, s))
+    members = [make(s) for s in range(4)]
+    st = stack.build(tiny.params, members)
+    lead = " ".join(f"t{i}" for i in range(70, 70 + head))
+    long = [" ".join(f"t{(i * 7 + j) % 60 + 3}" for j in range(38 + i)) for i in range(4)]
+    mid = [" ".join(f"t{(i * 5 + j) % 50 + 5}" for j in range(33)) for i in range(3)]  # every block 64 wide
+    texts = long + [mid[0], TEXTS[0], TEXTS[1], mid[1], TEXTS[3], mid[2], TEXTS[2]]
+    prompts = _ids(tiny, [f"{lead} {t}".strip() for t in texts])
+    owner = [0, 0, 0, 0, 1, 1, 1, 2, 2, 3, 3]
+    packed = []
+    fn = gen._pack_prompts
+    monkeypatch.setattr(gen, "_pack_prompts", lambda *a: packed.append(fn(*a)) or packed[-1])
+    kw = dict(max_new_tokens=10, batch_size=4)
+    got = gen.generate_ids(st, tiny.cfg, tiny.tokenizer, prompts, members=owner, **kw)
+    assert len(packed) == 1 and len(packed[0].tokens) == 8, packed  # 8 rows, not 16
+    np.testing.assert_array_equal(packed[0].members, [0, 0, 0, 0, 1, 2, 3, 0])
+    for m, params in enumerate(members):
+        mine = [i for i, o in enumerate(owner) if o == m]
+        assert [got[i] for i in mine] == gen.generate_ids(params, tiny.cfg, tiny.tokenizer,
+                                                          [prompts[i] for i in mine], **kw), m
+    others = [gen.generate_ids(members[(o + 1) % 4], tiny.cfg, tiny.tokenizer, [p], **kw)[0] for p, o in
+              zip(prompts, owner)]
+    assert others != got  # the premise: another member answers some prompt otherwise
+
+
 @pytest.mark.parametrize("head", [0, 14])
 def test_a_stack_prefills_each_member_in_its_own_bucket(tiny, monkeypatch, head):
     """One member's prompts are ~40 tokens, the others' <= 6: one prefill would pad every row to the

@@ -14,7 +14,15 @@ import pytest
 import golden
 from mirage_jax.evaluation import synthetic
 from mirage_jax.evaluation.synthetic import locality_agreement, token_accuracy
-from mirage_jax.tokens import EditInputError, first_fit, make_batch, member_rows, rows_bucket, split_prompt_target
+from mirage_jax.tokens import (
+    EditInputError,
+    first_fit,
+    make_batch,
+    member_blocks,
+    member_rows,
+    rows_bucket,
+    split_prompt_target,
+)
 
 # (prompt, target, the target's tokens in context). "Ġ" is the byte-level BPE space.
 SPLITS = [
@@ -181,3 +189,17 @@ def test_packed_scores_count_positions_per_sample(tmp_path):
         np.testing.assert_array_equal(gold, gold_w, err_msg=str(i))
         np.testing.assert_array_equal(pred, pred_w, err_msg=str(i))
 
+
+
+def test_member_blocks_repeat_a_member_with_many_rows_where_that_takes_fewer():
+    """`member_blocks`: one block per member (None) where equal blocks are no more rows, else one row
+    per block in member order, filler blocks on member 0 -- never more blocks than allowed."""
+    qaedit = [5] + [3] * 15  # one member's four long rests: 5 rows where the others need 3
+    r, members = member_blocks(qaedit, 1000)
+    assert r == 1 and len(members) == 56  # 50 rows, bucketed; equal blocks: 16 x 5 = 80
+    np.testing.assert_array_equal(members[:8], [0, 0, 0, 0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(members[48:], [15, 15, 0, 0, 0, 0, 0, 0])
+    assert member_blocks(qaedit, 16) == (5, None)  # the repeated leaves would not fit
+    assert member_blocks([1, 1, 1], 1000) == (1, None)  # equal blocks: 3 rows, 4 otherwise
+    assert member_blocks([2] * 4, 1000) == (2, None)
+    assert member_blocks([3], 1000) == (4, None)  # plain params: one block
