@@ -64,6 +64,8 @@ from mirage_jax.model.config import ModelConfig
 from mirage_jax.model.memory import kv_cache_bytes
 from mirage_jax.model.stack import EditStack
 from mirage_jax.model.transformer import (
+    K_SLOT_AXIS,
+    V_SLOT_AXIS,
     KVCache,
     Params,
     forward,
@@ -276,13 +278,41 @@ def _stack_blocks(params: Any) -> int:
     return max(params.size, REPEAT_BYTES // max(per_member, 1))
 
 
-@functools.partial(jax.jit, static_argnums=(1,), donate_argnums=(2,))
+@dataclasses.dataclass
+class PromptStates:
+    """What an unedited model's prefill computed below `layer` for each prompt (its token ids): the
+    keys / values of layers ``0..layer-1`` and the hidden state entering `layer`, at each token of
+    the prompt's rest (after the batch's `shared` prefix) -- kept by one `generate_ids` call
+    (``keep_states``) to prefill the same prompts on an edit stack from `layer` on.
+
+    Why: a single-edit run asks every question twice, before the edit and after it, and an edit that
+    changes only layers >= `layer` leaves the layers below computing what they computed before (FT-M
+    on the default model: one MLP of layer 20 of 30, two thirds of every post-edit prefill)."""
+
+    layer: int
+    # prompt ids -> (shared prefix tokens, hidden [n, D], keys [layer, H_kv, hd, n], values [layer, H_kv, n, hd])
+    rests: dict[tuple[int, ...], tuple[int, np.ndarray, np.ndarray, np.ndarray]] = dataclasses.field(
+        default_factory=dict)
+
+    def covers(self, rows: Sequence[Sequence[int]], shared: int) -> bool:
+        """Whether every prompt was kept, with the same shared prefix (its rest then starts where it did)."""
+        return all(self.rests.get(tuple(r), (-1,))[0] == shared for r in rows)
+
+
+@functools.partial(jax.jit, static_argnums=(1,), static_argnames=("start", "keep"), donate_argnums=(2,))
 def _prefill_packed(params: Params, cfg: ModelConfig, cache: KVCache, packed: _PackedPrompts,
-                    prefix: KVCache | None, prefix_mask: jax.Array | None) -> tuple[KVCache, jax.Array]:
+                    prefix: KVCache | None, prefix_mask: jax.Array | None, *, start: int = 0, keep: int = 0,
+                    below: tuple[jax.Array, jax.Array, jax.Array] | None = None
+                    ) -> tuple[KVCache, jax.Array, jax.Array | None]:
     """`_prefill` of a batch whose rests are packed (`_pack_prompts`): one forward over the packed
     rows (each token sees the member's shared prefix and the earlier tokens of its own prompt), then
     every rest's keys / values gathered into its row's slots of the batch's cache (the same layout as
-    `_prefill`'s, so decoding is unchanged) and each row's first new token read at its last token."""
+    `_prefill`'s, so decoding is unchanged) and each row's first new token read at its last token.
+
+    `start` > 0: the layers below it are not run; ``below`` = (the hidden state entering `start` at
+    each packed slot, the rests' keys and values of layers ``0..start-1`` in the cache's rest slots,
+    ``[start, B, ...]``), from `PromptStates`. `keep` > 0: also return the hidden state entering layer
+    `keep` at each packed slot (plain params only), for `PromptStates`."""
     rows, width = packed.tokens.shape
     seg = packed.segments
     own = (seg[:, :, None] == seg[:, None, :]) | jnp.eye(width, dtype=bool)  # an empty slot sees itself
@@ -297,8 +327,15 @@ def _prefill_packed(params: Params, cfg: ModelConfig, cache: KVCache, packed: _P
         part = _fill_prefix(part, run_prefix)
         seen_prefix = jnp.repeat(run_mask.astype(bool), rows // k, axis=0)[:, None]
         own = jnp.concatenate([jnp.broadcast_to(seen_prefix, (rows, width, pk)), own], axis=-1)
-    out = forward(run, cfg, packed.tokens, attn_mask=own, positions=packed.positions, cache=part,
-                  cache_index=pk, return_logits=False)
+    hidden_in = None
+    if start:  # the layers below `start` as the unedited model left them
+        hidden_in, lower_k, lower_v = below
+        put = lambda full, rests, axis: jax.lax.dynamic_update_slice_in_dim(full, rests, pk, axis)  # noqa: E731
+        cache = KVCache([put(c, lower_k[i], K_SLOT_AXIS) if i < start else c for i, c in enumerate(cache.k)],
+                        [put(c, lower_v[i], V_SLOT_AXIS) if i < start else c for i, c in enumerate(cache.v)])
+    out = forward(run, cfg, None if start else packed.tokens, hidden=hidden_in, start_layer=start, attn_mask=own,
+                  positions=packed.positions, cache=part, cache_index=pk, return_logits=False,
+                  reads=(("layer_in", keep),) if keep else ())
 
     def place(full: jax.Array, done: jax.Array, axis: int) -> jax.Array:
         packed_slots = jnp.moveaxis(done, axis, 1)[:, pk:]  # [rows, W, ...]: slots second, as `source` counts
@@ -307,9 +344,48 @@ def _prefill_packed(params: Params, cfg: ModelConfig, cache: KVCache, packed: _P
         return jax.lax.dynamic_update_slice_in_dim(full, jnp.moveaxis(flat[packed.source], 1, axis), pk, axis)
 
     new = map_slots(place, cache, out.cache)
+    new = KVCache(cache.k[:start] + new.k[start:], cache.v[:start] + new.v[start:])
     new = new if prefix is None else _fill_prefix(new, prefix)
     hidden = out.hidden.reshape(rows * width, -1)[packed.last]
-    return new, jnp.argmax(unembed(params, cfg, hidden[:, None])[:, -1], axis=-1).astype(jnp.int32)
+    first = jnp.argmax(unembed(params, cfg, hidden[:, None])[:, -1], axis=-1).astype(jnp.int32)
+    return new, first, out.reads[("layer_in", keep)] if keep else None
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _rests_below(cache: KVCache, layer: int, pk: int, rest_slots: int) -> tuple[jax.Array, jax.Array]:
+    """The keys / values of layers ``0..layer-1`` in the cache's rest slots ``[pk, pk + rest_slots)``,
+    stacked ``[layer, B, ...]`` (`PromptStates`)."""
+    k = jnp.stack([jax.lax.slice_in_dim(x, pk, pk + rest_slots, axis=K_SLOT_AXIS) for x in cache.k[:layer]])
+    v = jnp.stack([jax.lax.slice_in_dim(x, pk, pk + rest_slots, axis=V_SLOT_AXIS) for x in cache.v[:layer]])
+    return k, v
+
+
+def _keep_states(states: PromptStates, rows: Sequence[Sequence[int]], slots: Sequence[int], shared: int,
+                 packed: _PackedPrompts, hidden: jax.Array, cache: KVCache, pk: int, rest_slots: int) -> None:
+    """Each prompt's rest below `states.layer`, from a packed prefill on the unedited model."""
+    flat = np.asarray(jax.device_get(hidden)).reshape(-1, hidden.shape[-1])
+    k, v = jax.device_get(_rests_below(cache, states.layer, pk, rest_slots))
+    for ids, row in zip(rows, slots):
+        n = len(ids) - shared
+        states.rests[tuple(ids)] = (shared, flat[packed.source[row, rest_slots - n:]].copy(),
+                                    k[:, row, :, :, rest_slots - n:].copy(), v[:, row, :, rest_slots - n:].copy())
+
+
+def _states_below(states: PromptStates, rows: Sequence[Sequence[int]], slots: Sequence[int], shared: int,
+                  packed: _PackedPrompts, batch: int, rest_slots: int) -> tuple[np.ndarray, ...]:
+    """`_prefill_packed`'s ``below`` for the prompts of a batch, from `states`: the hidden states at
+    the packed slots, the keys / values of the rests at their rows' rest slots (zeros elsewhere)."""
+    first = states.rests[tuple(rows[0])]
+    hidden = np.zeros((packed.tokens.size + 1, first[1].shape[-1]), first[1].dtype)  # + the "none" slot
+    k = np.zeros(first[2].shape[:1] + (batch,) + first[2].shape[1:3] + (rest_slots,), first[2].dtype)
+    v = np.zeros(first[3].shape[:1] + (batch,) + first[3].shape[1:2] + (rest_slots,) + first[3].shape[3:],
+                 first[3].dtype)
+    for ids, row in zip(rows, slots):
+        _, h, kr, vr = states.rests[tuple(ids)]
+        n = len(ids) - shared
+        hidden[packed.source[row, rest_slots - n:]] = h
+        k[:, row, :, :, rest_slots - n:], v[:, row, :, rest_slots - n:] = kr, vr
+    return hidden[:-1].reshape(packed.tokens.shape + hidden.shape[-1:]), k, v
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
@@ -444,6 +520,8 @@ def generate_ids(
     members: Sequence[int] | None = None,
     stop_chars: str = "",
     token_texts: Sequence[str] | None = None,
+    states: PromptStates | None = None,
+    keep_states: bool = False,
 ) -> list[Generation]:
     """Greedy-decode every prompt (token ids); results in input order.
 
@@ -453,7 +531,10 @@ def generate_ids(
     text (`Model.token_texts`, decoded once per model), else the vocabulary is decoded here (~0.2 s).
     `members`: with an `EditStack` as params, the stacked edit each prompt is answered by; one
     batch then holds up to `batch_size` prompts of every member (ignored for plain params).
-    `batch_size` None: `default_batch`.
+    `batch_size` None: `default_batch`. `states`: with `keep_states` (`params` then the unedited
+    model), keep each prompt's rest below `states.layer` (`PromptStates`); else the prompts kept there
+    are prefilled from that layer on -- the caller's word that `params` change nothing below it (an
+    edit stack's own leaves are checked).
     """
     if max_new_tokens < 1:
         raise GenerationError("max_new_tokens must be >= 1")
@@ -475,7 +556,7 @@ def generate_ids(
         gens = _generate_batch(params=params, cfg=cfg, tokenizer=tokenizer, rows=[list(prompt_ids[i]) for i in idx],
                                max_new=max_new_tokens, new_bucket=new_bucket, stop_ids=stop_ids, checks=checks,
                                stop_strings=stop_strings, stop_fn=stop_fn, batch_size=batch_size, chunk=chunk,
-                               slots=slots, rows_in_batch=rows_in_batch)
+                               slots=slots, rows_in_batch=rows_in_batch, states=states, keep_states=keep_states)
         for i, g in zip(idx, gens):
             results[i] = g
     return results  # type: ignore[return-value]
@@ -566,6 +647,8 @@ def _generate_batch(
     chunk: int,
     slots: Sequence[int] | None = None,
     rows_in_batch: int | None = None,
+    states: PromptStates | None = None,
+    keep_states: bool = False,
 ) -> list[Generation]:
     """Greedy-decode one batch of at most `batch_size` prompts (token ids): prefill, then the
     decode loop in chunks of `chunk` steps with the host's stop checks in between. `slots` /
@@ -615,8 +698,16 @@ def _generate_batch(
                                               _stack_blocks(params))
     if packed is not None:  # every rest packed with others into shared rows: one call
         routes = {}
-        cache, nxt = _prefill_packed(params, cfg, cache, jax.tree_util.tree_map(jnp.asarray, packed), prefix_kv,
-                                     jnp.asarray(prefix_mask) if shared else None)
+        args = (params, cfg, cache, jax.tree_util.tree_map(jnp.asarray, packed), prefix_kv,
+                jnp.asarray(prefix_mask) if shared else None)
+        if states is not None and states.layer and keep_states:
+            cache, nxt, hidden = _prefill_packed(*args, keep=states.layer)
+            _keep_states(states, rows, slots, shared, packed, hidden, cache, pk, p - pk)
+        elif states is not None and 0 < states.layer <= _lowest_layer(params, cfg) and states.covers(rows, shared):
+            below = _states_below(states, rows, slots, shared, packed, b, p - pk)
+            cache, nxt, _ = _prefill_packed(*args, start=states.layer, below=tuple(map(jnp.asarray, below)))
+        else:
+            cache, nxt, _ = _prefill_packed(*args)
     elif len(blocks) == 1:
         width = blocks[0][1]
         cache, nxt, routes = _prefill(params, cfg, jnp.asarray(tokens[:, -width:]), jnp.asarray(mask), cache,
@@ -668,6 +759,12 @@ def _generate_batch(
         outs[i] = out[row_of[i]]
     eos = set(cfg.eos_token_ids)
     return [_generation(tokenizer, row[:max_new], hit, eos) for row, hit in zip(outs, stopped)]
+
+
+def _lowest_layer(params: Any, cfg: ModelConfig) -> int:
+    """The lowest layer an edit stack's members change; for plain params none as far as this module
+    can tell (an edited pytree does not say what it changed): the caller's `PromptStates` says."""
+    return stack.lowest_layer(params.paths, cfg.num_layers) if isinstance(params, EditStack) else cfg.num_layers
 
 
 MIN_COMPACT_ROWS = 8  # the smallest batch a compaction makes (see `_compaction`)

@@ -4,7 +4,9 @@ The runner is the only module that knows both the editing methods and the evalua
 
 * Pre-edit evaluation runs once per (model, data, evaluation settings) and is cached on disk
   under `{output_dir}/.pre_cache/`, written batch by batch, so a second method on the same data
-  never recomputes it.
+  never recomputes it. In single mode a group's pre-edit pass runs right after the group's edits:
+  its WILD prefill keeps each prompt's layers below the lowest edited one (`generate.PromptStates`)
+  and the post-edit pass prefills the same prompts from there.
 * single: every sample is evaluated on `original params + its own edit` -- restoring is free,
   the original pytree is simply kept -- and `stack_edits` such edited models are evaluated in one
   batched pass (`mirage_jax.model.stack`: only the leaves the edits changed are stacked);
@@ -43,7 +45,10 @@ from mirage_jax.editing import EditMethod
 from mirage_jax.evaluation import synthetic, wild
 from mirage_jax.evaluation.answers import wrap_context
 from mirage_jax.evaluation.judge import Judge, JudgeItem
+from mirage_jax.generate import PromptStates
 from mirage_jax.model import sharding, stack
+from mirage_jax.model.adapters import has_adapters
+from mirage_jax.model.diff import changed_leaves, path_steps
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +146,7 @@ def _by_request(n: int, pairs: Iterable[tuple[int, Any]]) -> list[list[Any]]:
     return grouped
 
 
-def _evaluate_wild(model, params, reqs, rc, judge, pre) -> list[dict]:
+def _evaluate_wild(model, params, reqs, rc, judge, pre, states=None, keep_states=False) -> list[dict]:
     scored = _scored(reqs)
     locs = [(i, p.prompt) for i, r in enumerate(reqs) for p in r.locality]
     # One generation call for every question of these requests (scored and locality): the jitted
@@ -149,7 +154,8 @@ def _evaluate_wild(model, params, reqs, rc, judge, pre) -> list[dict]:
     # edit stack, request i is answered by member i (`members`; ignored for plain params).
     answers = wild.wild_answers(params, model.cfg, model.tokenizer,
                                 [q for *_, q in scored] + [q for _, q in locs], rc.wild,
-                                members=[i for i, *_ in scored] + [i for i, _ in locs], token_texts=model.token_texts)
+                                members=[i for i, *_ in scored] + [i for i, _ in locs], token_texts=model.token_texts,
+                                states=states, keep_states=keep_states)
     out = [dict() for _ in reqs]
     for (i, key, _), a in zip(scored, answers):
         out[i].update({f"{key}_gen_content": a.answer, f"{key}_raw": a.raw})
@@ -215,13 +221,16 @@ def _evaluate_synthetic(model, params, reqs, rc, pre) -> list[dict]:
 
 
 def evaluate(model: Any, params: Any, reqs: Sequence[EditRequest], rc: RunConfig, judge: Judge,
-             pre: Sequence[dict] | None = None) -> list[dict]:
+             pre: Sequence[dict] | None = None, states: PromptStates | None = None,
+             keep_states: bool = False) -> list[dict]:
     """Metrics of each request on `params`, per evaluation type; with `pre` (the pre-edit
     metrics of the same requests), locality against the pre-edit outputs. `params` may be an
-    `EditStack` with one member per request: request i is then evaluated on member i."""
+    `EditStack` with one member per request: request i is then evaluated on member i. `states`:
+    the WILD prompts' lower layers, kept (`keep_states`, on the unedited model) or used
+    (`generate.PromptStates`)."""
     out = [dict() for _ in reqs]
     if "wild" in rc.kinds:
-        for o, w in zip(out, _evaluate_wild(model, params, reqs, rc, judge, pre)):
+        for o, w in zip(out, _evaluate_wild(model, params, reqs, rc, judge, pre, states, keep_states)):
             o["wild"] = w
     if "synthetic" in rc.kinds:
         for o, s in zip(out, _evaluate_synthetic(model, params, reqs, rc, pre)):
@@ -230,7 +239,8 @@ def evaluate(model: Any, params: Any, reqs: Sequence[EditRequest], rc: RunConfig
 
 
 def evaluate_singles(model: Any, reqs: Sequence[EditRequest], edited: Sequence[tuple[Any, dict]], rc: RunConfig,
-                     judge: Judge, pre: dict[int, dict], stack_size: int | None = None) -> list[dict]:
+                     judge: Judge, pre: dict[int, dict], stack_size: int | None = None,
+                     states: PromptStates | None = None) -> list[dict]:
     """Post-edit metrics of single edits: request i on its own edited params ``edited[i] = (params,
     info)``, {} where the edit failed. Edits that changed the same leaves go through `evaluate`
     together (at most `stack_size` at a time) as one `EditStack`, which gives each its own model in
@@ -243,9 +253,24 @@ def evaluate_singles(model: Any, reqs: Sequence[EditRequest], edited: Sequence[t
                                         max_bytes=stack.nbytes(model.params) // 8, max_members=stack_size):
         idx = [ok[j] for j in members]
         for i, post in zip(idx, evaluate(model, params, [reqs[i] for i in idx], rc, judge,
-                                         [pre[reqs[i].case_id] for i in idx])):
+                                         [pre[reqs[i].case_id] for i in idx], states)):
             posts[i] = post
     return posts
+
+
+def _unchanged_below(model: Any, edited: Sequence[tuple[Any, dict]], rc: RunConfig) -> PromptStates | None:
+    """Where a group's pre-edit WILD pass keeps its prompts' lower layers for the post-edit pass: the
+    lowest layer the group's edits change (`stack.lowest_layer`) -- None where that is layer 0, with
+    no WILD evaluation, or with adapters (GRACE / WISE: their stacks prefill unpacked).
+
+    Why the pre-edit pass runs per group, after the group's edits: that is when the layer is known,
+    and the kept states (~0.6 MB a question on the default model) live for one group only."""
+    ok = [params for params, info in edited if "error" not in info]
+    if "wild" not in rc.kinds or not ok or any(has_adapters(params) for params in ok):
+        return None
+    paths = [path_steps(p) for params in ok for p in changed_leaves(model.params, params)]
+    layer = min(stack.lowest_layer(paths, model.cfg.num_layers), model.cfg.num_layers - 1)  # a head edit: the last
+    return PromptStates(layer) if layer > 0 else None
 
 
 def _mean(xs: Iterable[float | None]) -> float | None:
@@ -305,14 +330,16 @@ def pre_cache_path(model: Any, rc: RunConfig, judge: Judge) -> Path:
     return Path(rc.output_dir) / ".pre_cache" / (hashlib.sha256(key.encode()).hexdigest()[:20] + ".jsonl")
 
 
-def pre_edit(model: Any, reqs: Sequence[EditRequest], rc: RunConfig, judge: Judge) -> dict[int, dict]:
-    """Pre-edit metrics of every request, from the cache where present, computed in batches."""
+def pre_edit(model: Any, reqs: Sequence[EditRequest], rc: RunConfig, judge: Judge,
+             states: PromptStates | None = None) -> dict[int, dict]:
+    """Pre-edit metrics of every request, from the cache where present, computed in batches (keeping
+    the WILD prompts' lower layers in `states`)."""
     path = pre_cache_path(model, rc, judge)
     done = {row["case_id"]: row["metrics"] for row in _read_jsonl(path)}
     todo = [r for r in reqs if r.case_id not in done]
     for s in tqdm(range(0, len(todo), rc.eval_batch), desc="pre-edit eval", disable=not todo):
         chunk = todo[s : s + rc.eval_batch]
-        for r, m in zip(chunk, evaluate(model, model.params, chunk, rc, judge)):
+        for r, m in zip(chunk, evaluate(model, model.params, chunk, rc, judge, states=states, keep_states=True)):
             done[r.case_id] = m
             _append(path, {"case_id": r.case_id, "metrics": m})
     return done
@@ -461,8 +488,9 @@ def run(model: Any, requests: Sequence[EditRequest], method: EditMethod, hp: Any
     # Points before the last edit are evaluated while editing; the one at the end is the final summary.
     missing = [n for n in rc.eval_at if n not in curve and n < len(requests)]
     finished = {row["case_id"] for row in _read_jsonl(results)}
-    pre = pre_edit(model, requests, rc, judge)
     todo = [r for r in requests if r.case_id not in finished]
+    # Single edits: each group's pre-edit pass right before its post-edit one (`_unchanged_below`).
+    pre = {} if rc.edit_mode == "single" else pre_edit(model, requests, rc, judge)
     # Run constants from the unedited model (context templates, a MEND archive): once, not per edit.
     ctx = method.prepare(model.params, model.cfg, model.tokenizer, hp) if todo or missing else {}
     if rc.edit_mode == "single":
@@ -480,7 +508,10 @@ def run(model: Any, requests: Sequence[EditRequest], method: EditMethod, hp: Any
             edited = _safe_edits(method, model, group, hp, stats=stats, **ctx)
             for _, info in edited:
                 info.pop("state", None)
-            for r, (_, info), post in zip(group, edited, evaluate_singles(model, group, edited, rc, judge, pre, k)):
+            states = _unchanged_below(model, edited, rc)
+            pre.update(pre_edit(model, group, rc, judge, states))
+            posts = evaluate_singles(model, group, edited, rc, judge, pre, k, states)
+            for r, (_, info), post in zip(group, edited, posts):
                 _append(results, _record(r, pre[r.case_id], post, info))
             bar.update(len(group))
         bar.close()

@@ -25,9 +25,10 @@ from mirage_jax.evaluation.judge import ExactMatchJudge
 from mirage_jax.evaluation.wild import WildConfig
 from mirage_jax.model import load_model, stack
 from mirage_jax.model.adapters import empty_wise
+from mirage_jax.model.diff import changed_leaves, path_steps
 from mirage_jax.model.stack import EditStack
 from mirage_jax.model.transformer import forward
-from mirage_jax.runner import RunConfig, evaluate, evaluate_singles, pre_edit, run
+from mirage_jax.runner import RunConfig, _public, evaluate, evaluate_singles, pre_edit, run
 from tiny import qaedit_records, save_tiny
 
 LAYER = 1
@@ -221,6 +222,54 @@ def test_a_stack_prefills_its_members_rests_packed_in_one_call(tiny, monkeypatch
     assert others != got  # the premise: another member answers some prompt otherwise
 
 
+def test_the_lowest_changed_layer_bounds_what_the_unedited_model_computes(tiny):
+    """`stack.lowest_layer`: the lowest decoder layer of the changed leaves; an embedding edit is layer
+    0 (nothing is left as it was), a final-norm edit past every layer."""
+    n = tiny.cfg.num_layers
+    paths = lambda edit: [path_steps(p) for p in changed_leaves(tiny.params, edit)]  # noqa: E731
+    assert stack.lowest_layer(paths(_rank_one(tiny, 0, layer=1)), n) == 1
+    assert stack.lowest_layer(paths(_head_edit(tiny, 0)), n) == n
+    assert stack.lowest_layer(paths(dict(tiny.params, embed={"embedding": tiny.params["embed"]["embedding"] + 1})),
+                              n) == 0
+    both = replace_down_kernels(_head_edit(tiny, 0), {0: tiny.params["layers"][0]["mlp"]["down"]["kernel"] + 1.0})
+    assert stack.lowest_layer(paths(both), n) == 0
+    assert stack.lowest_layer(paths(_rank_one(tiny, 0, layer=1)) + paths(both), n) == 0
+    assert stack.lowest_layer([], n) == n
+
+
+@pytest.mark.parametrize("head", [0, 14])
+def test_a_stack_prefills_from_where_the_unedited_model_left_its_prompts(tiny, monkeypatch, head):
+    """The unedited model keeps each prompt's rest below the edited layer (`PromptStates`, the
+    hidden state entering it and the keys / values under it); a stack of edits of that layer then
+    prefills the same prompts from there (`_states_below`) -- and every generation equals the
+    stack's without the states, and each member's alone. Keeping changes no generation either.
+    Planted bugs caught: the kept hidden states one packed slot late; the kept keys / values put at
+    the start of the rest slots; the lower layers' cache left as the prefill's (empty)."""
+    layer = tiny.cfg.num_layers - 1
+    members = [_rank_one(tiny, s, scale=1.0, layer=layer) for s in range(4)]
+    st = stack.build(tiny.params, members)
+    lead = " ".join(f"t{i}" for i in range(70, 70 + head))
+    long = [" ".join(f"t{i}" for i in range(3, 3 + n)) for n in (9, 8)]
+    prompts = _ids(tiny, [f"{lead} {t}".strip() for t in long + TEXTS[:5]])
+    owner = [0, 0, 0, 1, 2, 3, 1]
+    states = gen.PromptStates(layer)
+    kw = dict(max_new_tokens=10)
+    before = gen.generate_ids(tiny.params, tiny.cfg, tiny.tokenizer, prompts, states=states, keep_states=True,
+                              batch_size=8, **kw)
+    assert set(states.rests) == {tuple(p) for p in prompts}
+    assert before == gen.generate_ids(tiny.params, tiny.cfg, tiny.tokenizer, prompts, batch_size=8, **kw)
+    used, fn = [], gen._states_below
+    monkeypatch.setattr(gen, "_states_below", lambda *a: used.append(1) or fn(*a))
+    got = gen.generate_ids(st, tiny.cfg, tiny.tokenizer, prompts, members=owner, states=states, batch_size=4, **kw)
+    assert used, "the stack prefilled every layer"
+    assert got == gen.generate_ids(st, tiny.cfg, tiny.tokenizer, prompts, members=owner, batch_size=4, **kw)
+    for m, params in enumerate(members):
+        mine = [i for i, o in enumerate(owner) if o == m]
+        assert [got[i] for i in mine] == gen.generate_ids(params, tiny.cfg, tiny.tokenizer,
+                                                          [prompts[i] for i in mine], batch_size=4, **kw), m
+    assert got != before  # the premise: the edits change some answer
+
+
 @pytest.mark.parametrize("kind", ["mlp", "attention"])
 @pytest.mark.parametrize("head", [0, 14])
 def test_a_member_with_long_rests_takes_several_packed_blocks(tiny, monkeypatch, head, kind):
@@ -366,11 +415,12 @@ def test_grouping_and_degenerate_stacks(tiny):
 
 @pytest.mark.parametrize("method, hp", [("FT-M", FTConfig(layers=(LAYER,), lr=1e-2, num_steps=20)),
                                         ("GRACE", GRACEConfig(layer=LAYER, eps=1e-3, n_iter=20, capacity=2))])
-def test_runner_stacked_single_edits_equal_one_by_one(tiny, tmp_path, method, hp):
+def test_runner_stacked_single_edits_equal_one_by_one(tiny, tmp_path, monkeypatch, method, hp):
     """Real edits through the runner's path: every metric of every sample -- WILD answers and
     verdicts, locality against the pre-edit answers, teacher-forced and (GRACE) generated synthetic
     scores -- equals the evaluation of that sample's edited model alone; then a whole run with
-    stacks of 3 writes the rows of a run with stacks of 1."""
+    stacks of 3 writes the rows of a run with stacks of 1 (FT-M's stacks prefilled from the layer
+    it trains, on what each group's pre-edit pass kept: `runner._unchanged_below`)."""
     data = tmp_path / "edits.json"
     data.write_text(json.dumps(qaedit_records(5)))
     reqs = list(datasets.load_qaedit(data).requests)
@@ -388,11 +438,15 @@ def test_runner_stacked_single_edits_equal_one_by_one(tiny, tmp_path, method, hp
     assert len(raws) > 1  # the premise: the samples' edited models answer differently
 
     rows = {}
+    used, fn = [], gen._states_below
+    monkeypatch.setattr(gen, "_states_below", lambda *a: used.append(1) or fn(*a))
     for k in (1, 3):
         out = tmp_path / f"run{k}"
         run(tiny, reqs, m, hp, dataclasses.replace(rc, output_dir=str(out), stack_edits=k), judge)
         rows[k] = [{**json.loads(x), "edit": None} for x in next(out.glob("*.jsonl")).read_text().splitlines()]
     assert rows[1] == rows[3]
+    assert bool(used) == (method == "FT-M")  # GRACE's stacks route per row: they prefill unpacked
+    assert [row["post"] for row in rows[1]] == [_public(g) for g in got]  # with the kept states as without
     if m.apply_each is not None:  # and edits made together (FT: packed) give the rows of edits made one by one
         out = tmp_path / "alone"
         run(tiny, reqs, dataclasses.replace(m, apply_each=None), hp, dataclasses.replace(rc, output_dir=str(out)),

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mirage_jax.evaluation.answers import StopRule, clean_answer, find_stop, normalize_answer, wrap_context
-from mirage_jax.generate import generate_ids
+from mirage_jax.generate import PromptStates, generate_ids
 from mirage_jax.model.config import ModelConfig
 
 
@@ -39,10 +39,12 @@ def stop_rule_for(tokenizer: Any, cfg: ModelConfig, kind: str) -> StopRule:
 
 def wild_answers(params: Any, cfg: ModelConfig, tokenizer: Any, questions: Sequence[str],
                  wc: WildConfig, members: Sequence[int] | None = None,
-                 token_texts: Sequence[str] | None = None) -> list[WildAnswer]:
+                 token_texts: Sequence[str] | None = None, states: PromptStates | None = None,
+                 keep_states: bool = False) -> list[WildAnswer]:
     """Greedy, stopped answers to raw questions under the chosen context type (`members`: with an
     `EditStack` as params, the stacked edit that answers each question; `token_texts`: the model's
-    decoded vocabulary, `Model.token_texts`, so that it is not decoded again per call)."""
+    decoded vocabulary, `Model.token_texts`, so that it is not decoded again per call; `states`,
+    `keep_states`: the prompts' lower layers kept or used, `generate.PromptStates`)."""
     if not questions:
         return []
     rule = stop_rule_for(tokenizer, cfg, wc.stop_rule)
@@ -50,7 +52,8 @@ def wild_answers(params: Any, cfg: ModelConfig, tokenizer: Any, questions: Seque
     ids = [tokenizer(w.text, add_special_tokens=w.add_special_tokens)["input_ids"] for w in wrapped]
     gens = generate_ids(params, cfg, tokenizer, ids, max_new_tokens=wc.max_new_tokens,
                         stop_fn=lambda text: find_stop(text, rule) is not None, stop_chars=rule.stop_chars,
-                        token_texts=token_texts, batch_size=wc.batch_size, members=members)
+                        token_texts=token_texts, batch_size=wc.batch_size, members=members, states=states,
+                        keep_states=keep_states)
     return [WildAnswer(g.ids, g.raw_text, clean_answer(g.raw_text, rule)) for g in gens]
 
 

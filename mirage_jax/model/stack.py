@@ -21,7 +21,7 @@ set without a multi-device sharding: the runner evaluates one by one on a mesh.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -60,6 +60,18 @@ class EditStack:
 
 
 jax.tree_util.register_dataclass(EditStack, data_fields=["base", "leaves"], meta_fields=["paths"])
+
+
+def lowest_layer(paths: Iterable[PathSteps], num_layers: int) -> int:
+    """The lowest decoder layer that changed leaves (`paths`) touch: the layers below it compute what
+    the unedited model computes (an embedding counts as layer 0; the final norm and the LM head as
+    `num_layers`, past every layer)."""
+    def layer(steps: PathSteps) -> int:
+        if steps[0] == ("k", "layers"):
+            return int(steps[1][1])
+        return 0 if steps[0] in (("k", "embed"), ("k", "pos_embed")) else num_layers
+
+    return min((layer(steps) for steps in paths), default=num_layers)
 
 
 def structure(params: Any) -> Any:
