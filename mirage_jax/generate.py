@@ -40,7 +40,11 @@ Why it is built this way:
   (`_prefill_packed`), their keys / values then gathered into the batch cache's usual layout; else
   blocks of rows prefill in their own buckets (`_prefill_blocks`).
 * Edit stacks. With an `EditStack` as params (`mirage_jax.model.stack`), every prompt says which
-  stacked edit answers it (`members`) and rows are laid out member-major.
+  stacked edit answers it (`members`) and rows are laid out member-major; in a packed prefill a
+  member with more rows than the others takes several blocks of them (`tokens.member_blocks`).
+* Prompt states. The unedited model's packed prefill can keep each prompt's layers below some
+  layer (`PromptStates`); an edited model that changes nothing below it then prefills the same
+  prompts from there -- a single-edit run asks every question before and after its edit.
 
     python -m mirage_jax.generate --model=default --prompt='The capital of France is' --max_new_tokens=12
 """
