@@ -191,6 +191,18 @@ def _q_edit(model, seed: int):
     return {**model.params, "layers": layers}
 
 
+def _each_members_alone(tiny, members, prompts, owner, got, **kw):
+    """Every generation of a stack equals its member's alone (`owner`: each prompt's member), and
+    another member answers some prompt otherwise (the premise)."""
+    for m, params in enumerate(members):
+        mine = [i for i, o in enumerate(owner) if o == m]
+        assert [got[i] for i in mine] == gen.generate_ids(params, tiny.cfg, tiny.tokenizer,
+                                                          [prompts[i] for i in mine], **kw), m
+    others = [gen.generate_ids(members[(o + 1) % len(members)], tiny.cfg, tiny.tokenizer, [p], **kw)[0]
+              for p, o in zip(prompts, owner)]
+    assert others != got
+
+
 @pytest.mark.parametrize("kind", ["mlp", "attention"])
 @pytest.mark.parametrize("head", [0, 14])
 def test_a_stack_prefills_its_members_rests_packed_in_one_call(tiny, monkeypatch, head, kind):
@@ -213,13 +225,7 @@ def test_a_stack_prefills_its_members_rests_packed_in_one_call(tiny, monkeypatch
     kw = dict(max_new_tokens=10, batch_size=4)
     got = gen.generate_ids(st, tiny.cfg, tiny.tokenizer, prompts, members=owner, **kw)
     assert len(packed) == 1 and packed[0].tokens.shape == (8, 16), packed  # 2 packed rows per member
-    for m, params in enumerate(members):
-        mine = [i for i, o in enumerate(owner) if o == m]
-        assert [got[i] for i in mine] == gen.generate_ids(params, tiny.cfg, tiny.tokenizer,
-                                                          [prompts[i] for i in mine], **kw), m
-    others = [gen.generate_ids(members[(o + 1) % 4], tiny.cfg, tiny.tokenizer, [p], **kw)[0] for p, o in
-              zip(prompts, owner)]
-    assert others != got  # the premise: another member answers some prompt otherwise
+    _each_members_alone(tiny, members, prompts, owner, got, **kw)
 
 
 def test_the_lowest_changed_layer_bounds_what_the_unedited_model_computes(tiny):
@@ -263,10 +269,7 @@ def test_a_stack_prefills_from_where_the_unedited_model_left_its_prompts(tiny, m
     got = gen.generate_ids(st, tiny.cfg, tiny.tokenizer, prompts, members=owner, states=states, batch_size=4, **kw)
     assert used, "the stack prefilled every layer"
     assert got == gen.generate_ids(st, tiny.cfg, tiny.tokenizer, prompts, members=owner, batch_size=4, **kw)
-    for m, params in enumerate(members):
-        mine = [i for i, o in enumerate(owner) if o == m]
-        assert [got[i] for i in mine] == gen.generate_ids(params, tiny.cfg, tiny.tokenizer,
-                                                          [prompts[i] for i in mine], batch_size=4, **kw), m
+    _each_members_alone(tiny, members, prompts, owner, got, batch_size=4, **kw)
     assert got != before  # the premise: the edits change some answer
 
 
@@ -296,13 +299,7 @@ def test_a_member_with_long_rests_takes_several_packed_blocks(tiny, monkeypatch,
     got = gen.generate_ids(st, tiny.cfg, tiny.tokenizer, prompts, members=owner, **kw)
     assert len(packed) == 1 and len(packed[0].tokens) == 8, packed  # 8 rows, not 16
     np.testing.assert_array_equal(packed[0].members, [0, 0, 0, 0, 1, 2, 3, 0])
-    for m, params in enumerate(members):
-        mine = [i for i, o in enumerate(owner) if o == m]
-        assert [got[i] for i in mine] == gen.generate_ids(params, tiny.cfg, tiny.tokenizer,
-                                                          [prompts[i] for i in mine], **kw), m
-    others = [gen.generate_ids(members[(o + 1) % 4], tiny.cfg, tiny.tokenizer, [p], **kw)[0] for p, o in
-              zip(prompts, owner)]
-    assert others != got  # the premise: another member answers some prompt otherwise
+    _each_members_alone(tiny, members, prompts, owner, got, **kw)
 
 
 @pytest.mark.parametrize("head", [0, 14])
