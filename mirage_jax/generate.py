@@ -297,6 +297,9 @@ class PromptStates:
     # prompt ids -> (shared prefix tokens, hidden [n, D], keys [layer, H_kv, hd, n], values [layer, H_kv, n, hd])
     rests: dict[tuple[int, ...], tuple[int, np.ndarray, np.ndarray, np.ndarray]] = dataclasses.field(
         default_factory=dict)
+    # a teacher-forced row's ids (prompt + target, `evaluation.synthetic`) -> the hidden state entering
+    # `layer` at each of its tokens: without a cache that is all the layers above need
+    rows: dict[tuple[int, ...], np.ndarray] = dataclasses.field(default_factory=dict)
 
     def covers(self, rows: Sequence[Sequence[int]], shared: int) -> bool:
         """Whether every prompt was kept, with the same shared prefix (its rest then starts where it did)."""
@@ -707,7 +710,7 @@ def _generate_batch(
         if states is not None and states.layer and keep_states:
             cache, nxt, hidden = _prefill_packed(*args, keep=states.layer)
             _keep_states(states, rows, slots, shared, packed, hidden, cache, pk, p - pk)
-        elif states is not None and 0 < states.layer <= _lowest_layer(params, cfg) and states.covers(rows, shared):
+        elif states is not None and 0 < states.layer <= lowest_layer(params, cfg) and states.covers(rows, shared):
             below = _states_below(states, rows, slots, shared, packed, b, p - pk)
             cache, nxt, _ = _prefill_packed(*args, start=states.layer, below=tuple(map(jnp.asarray, below)))
         else:
@@ -765,7 +768,7 @@ def _generate_batch(
     return [_generation(tokenizer, row[:max_new], hit, eos) for row, hit in zip(outs, stopped)]
 
 
-def _lowest_layer(params: Any, cfg: ModelConfig) -> int:
+def lowest_layer(params: Any, cfg: ModelConfig) -> int:
     """The lowest layer an edit stack's members change; for plain params none as far as this module
     can tell (an edited pytree does not say what it changed): the caller's `PromptStates` says."""
     return stack.lowest_layer(params.paths, cfg.num_layers) if isinstance(params, EditStack) else cfg.num_layers

@@ -177,7 +177,7 @@ def _evaluate_wild(model, params, reqs, rc, judge, pre, states=None, keep_states
     return out
 
 
-def _evaluate_synthetic(model, params, reqs, rc, pre) -> list[dict]:
+def _evaluate_synthetic(model, params, reqs, rc, pre, states=None, keep_states=False) -> list[dict]:
     cfg, tok = model.cfg, model.tokenizer
     scored = _scored(reqs)
     kind = "chat_temp" if rc.synthetic_chat else "question-only"
@@ -189,7 +189,7 @@ def _evaluate_synthetic(model, params, reqs, rc, pre) -> list[dict]:
     both = synthetic.predicted_target_tokens(
         params, cfg, tok, wrap([q for *_, q in scored] + [p.prompt for _, p in pairs]),
         [reqs[i].target_new for i, *_ in scored] + [p.answer for _, p in pairs], add_special_tokens=special,
-        members=[i for i, *_ in scored] + [i for i, _ in pairs])
+        members=[i for i, *_ in scored] + [i for i, _ in pairs], states=states, keep_states=keep_states)
     out = [dict() for _ in reqs]
     for (i, key, _), (pred, gold) in zip(scored, both):
         out[i][f"{key}_acc"] = synthetic.accuracy(pred, gold)
@@ -233,7 +233,7 @@ def evaluate(model: Any, params: Any, reqs: Sequence[EditRequest], rc: RunConfig
         for o, w in zip(out, _evaluate_wild(model, params, reqs, rc, judge, pre, states, keep_states)):
             o["wild"] = w
     if "synthetic" in rc.kinds:
-        for o, s in zip(out, _evaluate_synthetic(model, params, reqs, rc, pre)):
+        for o, s in zip(out, _evaluate_synthetic(model, params, reqs, rc, pre, states, keep_states)):
             o["synthetic"] = s
     return out
 
@@ -259,14 +259,14 @@ def evaluate_singles(model: Any, reqs: Sequence[EditRequest], edited: Sequence[t
 
 
 def _unchanged_below(model: Any, edited: Sequence[tuple[Any, dict]], rc: RunConfig) -> PromptStates | None:
-    """Where a group's pre-edit WILD pass keeps its prompts' lower layers for the post-edit pass: the
-    lowest layer the group's edits change (`stack.lowest_layer`) -- None where that is layer 0, with
-    no WILD evaluation, or with adapters (GRACE / WISE: their stacks prefill unpacked).
+    """Where a group's pre-edit pass keeps its prompts' lower layers for the post-edit pass (WILD
+    prefill, teacher-forced rows): the lowest layer the group's edits change (`stack.lowest_layer`)
+    -- None where that is layer 0, or with adapters (GRACE / WISE: their stacks run unpacked).
 
     Why the pre-edit pass runs per group, after the group's edits: that is when the layer is known,
     and the kept states (~0.6 MB a question on the default model) live for one group only."""
     ok = [params for params, info in edited if "error" not in info]
-    if "wild" not in rc.kinds or not ok or any(has_adapters(params) for params in ok):
+    if not ok or any(has_adapters(params) for params in ok):
         return None
     paths = [path_steps(p) for params in ok for p in changed_leaves(model.params, params)]
     layer = min(stack.lowest_layer(paths, model.cfg.num_layers), model.cfg.num_layers - 1)  # a head edit: the last

@@ -353,8 +353,8 @@ def test_packed_synthetic_scores_of_a_stack_are_each_members(tiny, monkeypatch, 
     prompts[1] = prompts[3] = " ".join(f"t{i % 60 + 3}" for i in range(40))  # rows of 64; member 0 needs 2
     owner = [2, 0, 1, 0, 2, 1]
     calls, fn = [], synthetic._argmax_packed
-    monkeypatch.setattr(synthetic, "_argmax_packed", lambda p, c, packed: calls.append(packed.tokens.shape) or fn(
-        p, c, packed))
+    monkeypatch.setattr(synthetic, "_argmax_packed",
+                        lambda p, c, packed, **kw: calls.append(packed.tokens.shape) or fn(p, c, packed, **kw))
     got = synthetic.predicted_target_tokens(st, tiny.cfg, tiny.tokenizer, prompts, targets, batch_size=1,
                                             members=owner)
     assert calls == [(3, 64), (3, 64)], calls  # 3 members x 1 row, two rounds (member 0 has 2 rows)
@@ -365,6 +365,37 @@ def test_packed_synthetic_scores_of_a_stack_are_each_members(tiny, monkeypatch, 
     other = [synthetic.predicted_target_tokens(members[(m + 1) % 3], tiny.cfg, tiny.tokenizer, [p], [t])[0][0]
              for p, t, m in zip(prompts, targets, owner)]
     assert any(not np.array_equal(o, g[0]) for o, g in zip(other, got))  # the premise: the members differ
+
+
+def test_a_stacks_teacher_forced_rows_start_from_the_kept_states(tiny, monkeypatch):
+    """The unedited model keeps each teacher-forced row's hidden state entering the edited layer
+    (`PromptStates.rows`); a stack of edits of that layer scores the same rows from there -- every
+    prediction as without the states (and keeping changes none). Planted bug caught: the kept
+    states placed one packed slot late."""
+    layer = tiny.cfg.num_layers - 1
+    members = [_rank_one(tiny, s, scale=2.0, layer=layer) for s in range(3)]
+    st = stack.build(tiny.params, members)
+    prompts, targets = list(TEXTS[:6]), ["t8 t9", "t70", "t71 t72 t73", "t8", "t9 t9", "t70 t8"]
+    owner = [2, 0, 1, 0, 2, 1]
+    states = gen.PromptStates(layer)
+    kw = dict(batch_size=4)
+    before = synthetic.predicted_target_tokens(tiny.params, tiny.cfg, tiny.tokenizer, prompts, targets,
+                                               states=states, keep_states=True, **kw)
+    assert len(states.rows) == len(prompts)
+    plain = synthetic.predicted_target_tokens(tiny.params, tiny.cfg, tiny.tokenizer, prompts, targets, **kw)
+    starts, fn = [], synthetic._argmax_packed
+    monkeypatch.setattr(synthetic, "_argmax_packed",
+                        lambda p, c, packed, **k: starts.append(k.get("start")) or fn(p, c, packed, **k))
+    got = synthetic.predicted_target_tokens(st, tiny.cfg, tiny.tokenizer, prompts, targets, members=owner,
+                                            states=states, **kw)
+    assert starts and all(s == layer for s in starts), starts
+    want = synthetic.predicted_target_tokens(st, tiny.cfg, tiny.tokenizer, prompts, targets, members=owner, **kw)
+    for (a, b), (c, d) in zip(got, want):
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(b, d)
+    for (a, _), (c, _) in zip(before, plain):
+        np.testing.assert_array_equal(a, c)
+    assert any(not np.array_equal(a, c) for (a, _), (c, _) in zip(got, before))  # the premise: the edits show
 
 
 @pytest.mark.parametrize("long", [False, True])

@@ -142,7 +142,8 @@ def test_packed_scores_are_each_samples_own(default_model, monkeypatch):
     prompts += ["Q: Who wrote Hamlet? A:", "The largest ocean on Earth is the"]
     targets += ["William Shakespeare", "Pacific Ocean"]
     calls, fn = [], synthetic._argmax_packed
-    monkeypatch.setattr(synthetic, "_argmax_packed", lambda p, c, packed: calls.append(packed) or fn(p, c, packed))
+    monkeypatch.setattr(synthetic, "_argmax_packed",
+                        lambda p, c, packed, **kw: calls.append(packed) or fn(p, c, packed, **kw))
     got = synthetic.predicted_target_tokens(default_model.params, default_model.cfg, tok, prompts, targets,
                                             batch_size=4)
     assert [c.tokens.shape for c in calls] == [(4, 16), (4, 16)]  # 9 samples in 7 rows of 16: two rounds

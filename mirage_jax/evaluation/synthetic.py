@@ -23,7 +23,7 @@ import numpy as np
 
 from mirage_jax import distributed
 from mirage_jax.editing.common import loss_reads
-from mirage_jax.generate import generate_ids
+from mirage_jax.generate import PromptStates, generate_ids, lowest_layer
 from mirage_jax.model import sharding, stack
 from mirage_jax.model.adapters import has_adapters
 from mirage_jax.model.config import ModelConfig
@@ -52,16 +52,21 @@ def predicted_target_tokens(
     batch_size: int = 32,
     add_special_tokens: bool = True,
     members: Sequence[int] | None = None,
+    states: PromptStates | None = None,
+    keep_states: bool = False,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per sample: (argmax predictions over the target span, gold target ids). `add_special_tokens`
     False for prompts that hold them already (chat-wrapped). `members`: with an `EditStack` as
-    params, the stacked edit each sample is scored on (ignored for plain params).
+    params, the stacked edit each sample is scored on (ignored for plain params). `states`: with
+    `keep_states` (the unedited model) keep each packed row's hidden state entering `states.layer`
+    (`PromptStates.rows`), else score the rows kept there from that layer on -- as `generate_ids`.
 
     Samples are packed several to a row (`_pack_scores`) unless the params have adapters (their
     routing reads each row's last prompt token) or lie on a device mesh; then each sample has a
     left-padded row of its own (`_padded_scores`)."""
     if sharding.mesh_of(params) is None and not has_adapters(stack.structure(params)):
-        return _packed_scores(params, cfg, tokenizer, prompts, targets, batch_size, add_special_tokens, members)
+        return _packed_scores(params, cfg, tokenizer, prompts, targets, batch_size, add_special_tokens, members,
+                              states, keep_states)
     return _padded_scores(params, cfg, tokenizer, prompts, targets, batch_size, add_special_tokens, members)
 
 
@@ -147,21 +152,27 @@ def _pack_scores(rows: Sequence[tuple[Sequence[int], int]], owners: Sequence[int
     return out
 
 
-@functools.partial(jax.jit, static_argnums=(1,))
-def _argmax_packed(params: Any, cfg: ModelConfig, packed: _PackedScores) -> jax.Array:
+@functools.partial(jax.jit, static_argnums=(1,), static_argnames=("start", "keep"))
+def _argmax_packed(params: Any, cfg: ModelConfig, packed: _PackedScores, *, start: int = 0, keep: int = 0,
+                   hidden: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
     """Argmax next token at `packed.reads` of one forward over packed rows: each token sees the
     earlier tokens of its own sample only (segment mask, positions per sample), so it predicts what
-    its sample's own left-padded row would; the LM head runs at the reads only."""
+    its sample's own left-padded row would; the LM head runs at the reads only. `start` > 0: from
+    `hidden`, the state entering that layer at each packed slot; `keep` > 0: also return the state
+    entering layer `keep` (plain params only) -- `generate.PromptStates`."""
     seg = packed.segments
-    hidden = forward(params, cfg, packed.tokens, attn_mask=seg[:, :, None] == seg[:, None, :],
-                     positions=packed.positions, return_logits=False).hidden
-    at = hidden.reshape(-1, hidden.shape[-1])[packed.reads]
-    return jnp.argmax(unembed(params, cfg, at[:, None])[:, -1], axis=-1).astype(jnp.int32)
+    out = forward(params, cfg, None if start else packed.tokens, hidden=hidden, start_layer=start,
+                  attn_mask=seg[:, :, None] == seg[:, None, :], positions=packed.positions, return_logits=False,
+                  reads=(("layer_in", keep),) if keep else ())
+    at = out.hidden.reshape(-1, out.hidden.shape[-1])[packed.reads]
+    pred = jnp.argmax(unembed(params, cfg, at[:, None])[:, -1], axis=-1).astype(jnp.int32)
+    return pred, out.reads[("layer_in", keep)] if keep else None
 
 
 def _packed_scores(params: Any, cfg: ModelConfig, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str],
-                   batch_size: int, add_special_tokens: bool,
-                   members: Sequence[int] | None) -> list[tuple[np.ndarray, np.ndarray]]:
+                   batch_size: int, add_special_tokens: bool, members: Sequence[int] | None,
+                   states: PromptStates | None = None,
+                   keep_states: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
     """`predicted_target_tokens` with the samples packed into shared rows (`_pack_scores`): at most
     `batch_size` rows per member and call, an edit stack's members in one call (member-major rows).
 
@@ -176,9 +187,27 @@ def _packed_scores(params: Any, cfg: ModelConfig, tokenizer: Any, prompts: Seque
         stack.layout(members, k, len(prompts), batch_size)  # checks every sample names a member
     owners = list(members) if k > 1 else [0] * len(prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    keep = states.layer if states is not None and keep_states else 0
+    start = 0
+    if states is not None and not keep_states and 0 < states.layer <= lowest_layer(params, cfg):
+        start = states.layer if all(tuple(ids) in states.rows for ids, _ in rows) else 0
     out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(prompts)
     for packed, spans in _pack_scores(rows, owners, k, max(1, batch_size), pad):
-        pred = distributed.fetch(_argmax_packed(params, cfg, _PackedScores(*map(jnp.asarray, packed))))
+        slots = [np.flatnonzero(packed.segments.ravel() == i) for i, _, _ in spans]  # each sample's packed slots
+        hidden = None
+        if start:
+            kept = states.rows[tuple(rows[spans[0][0]][0])]
+            hidden = np.zeros((packed.tokens.size, kept.shape[-1]), kept.dtype)
+            for (i, _, _), at in zip(spans, slots):
+                hidden[at] = states.rows[tuple(rows[i][0])]
+            hidden = jnp.asarray(hidden.reshape(packed.tokens.shape + kept.shape[-1:]))
+        pred, held = _argmax_packed(params, cfg, _PackedScores(*map(jnp.asarray, packed)), start=start, keep=keep,
+                                    hidden=hidden)
+        pred = distributed.fetch(pred)
+        if keep:
+            held = np.asarray(jax.device_get(held)).reshape(-1, held.shape[-1])
+            for (i, _, _), at in zip(spans, slots):
+                states.rows[tuple(rows[i][0])] = held[at].copy()
         for i, at, n in spans:
             ids, n_prompt = rows[i]
             out[i] = (pred[at:at + n], np.asarray(ids[n_prompt:], np.int32))
