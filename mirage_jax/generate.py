@@ -301,6 +301,13 @@ class PromptStates:
     # `layer` at each of its tokens: without a cache that is all the layers above need
     rows: dict[tuple[int, ...], np.ndarray] = dataclasses.field(default_factory=dict)
 
+    def start_for(self, params: Any, cfg: ModelConfig) -> int:
+        """The layer a pass on `params` may start from with these states: `layer` where an edit
+        stack's members change nothing below it, else 0. Plain params are the caller's word: an
+        edited pytree does not say what it changed."""
+        lowest = stack.lowest_layer(params.paths, cfg.num_layers) if isinstance(params, EditStack) else cfg.num_layers
+        return self.layer if self.layer <= lowest else 0
+
     def covers(self, rows: Sequence[Sequence[int]], shared: int) -> bool:
         """Whether every prompt was kept, with the same shared prefix (its rest then starts where it did)."""
         return all(self.rests.get(tuple(r), (-1,))[0] == shared for r in rows)
@@ -382,11 +389,11 @@ def _states_below(states: PromptStates, rows: Sequence[Sequence[int]], slots: Se
                   packed: _PackedPrompts, batch: int, rest_slots: int) -> tuple[np.ndarray, ...]:
     """`_prefill_packed`'s ``below`` for the prompts of a batch, from `states`: the hidden states at
     the packed slots, the keys / values of the rests at their rows' rest slots (zeros elsewhere)."""
-    first = states.rests[tuple(rows[0])]
-    hidden = np.zeros((packed.tokens.size + 1, first[1].shape[-1]), first[1].dtype)  # + the "none" slot
-    k = np.zeros(first[2].shape[:1] + (batch,) + first[2].shape[1:3] + (rest_slots,), first[2].dtype)
-    v = np.zeros(first[3].shape[:1] + (batch,) + first[3].shape[1:2] + (rest_slots,) + first[3].shape[3:],
-                 first[3].dtype)
+    _, h0, k0, _ = states.rests[tuple(rows[0])]
+    (layers, heads, hd, _), dim = k0.shape, h0.shape[-1]
+    hidden = np.zeros((packed.tokens.size + 1, dim), h0.dtype)  # + the "none" slot
+    k = np.zeros((layers, batch, heads, hd, rest_slots), k0.dtype)
+    v = np.zeros((layers, batch, heads, rest_slots, hd), k0.dtype)
     for ids, row in zip(rows, slots):
         _, h, kr, vr = states.rests[tuple(ids)]
         n = len(ids) - shared
@@ -710,7 +717,7 @@ def _generate_batch(
         if states is not None and states.layer and keep_states:
             cache, nxt, hidden = _prefill_packed(*args, keep=states.layer)
             _keep_states(states, rows, slots, shared, packed, hidden, cache, pk, p - pk)
-        elif states is not None and 0 < states.layer <= lowest_layer(params, cfg) and states.covers(rows, shared):
+        elif states is not None and states.start_for(params, cfg) and states.covers(rows, shared):
             below = _states_below(states, rows, slots, shared, packed, b, p - pk)
             cache, nxt, _ = _prefill_packed(*args, start=states.layer, below=tuple(map(jnp.asarray, below)))
         else:
@@ -766,12 +773,6 @@ def _generate_batch(
         outs[i] = out[row_of[i]]
     eos = set(cfg.eos_token_ids)
     return [_generation(tokenizer, row[:max_new], hit, eos) for row, hit in zip(outs, stopped)]
-
-
-def lowest_layer(params: Any, cfg: ModelConfig) -> int:
-    """The lowest layer an edit stack's members change; for plain params none as far as this module
-    can tell (an edited pytree does not say what it changed): the caller's `PromptStates` says."""
-    return stack.lowest_layer(params.paths, cfg.num_layers) if isinstance(params, EditStack) else cfg.num_layers
 
 
 MIN_COMPACT_ROWS = 8  # the smallest batch a compaction makes (see `_compaction`)

@@ -23,7 +23,7 @@ import numpy as np
 
 from mirage_jax import distributed
 from mirage_jax.editing.common import loss_reads
-from mirage_jax.generate import PromptStates, generate_ids, lowest_layer
+from mirage_jax.generate import PromptStates, generate_ids
 from mirage_jax.model import sharding, stack
 from mirage_jax.model.adapters import has_adapters
 from mirage_jax.model.config import ModelConfig
@@ -189,11 +189,12 @@ def _packed_scores(params: Any, cfg: ModelConfig, tokenizer: Any, prompts: Seque
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     keep = states.layer if states is not None and keep_states else 0
     start = 0
-    if states is not None and not keep_states and 0 < states.layer <= lowest_layer(params, cfg):
-        start = states.layer if all(tuple(ids) in states.rows for ids, _ in rows) else 0
+    if states is not None and not keep_states and all(tuple(ids) in states.rows for ids, _ in rows):
+        start = states.start_for(params, cfg)
     out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(prompts)
     for packed, spans in _pack_scores(rows, owners, k, max(1, batch_size), pad):
-        slots = [np.flatnonzero(packed.segments.ravel() == i) for i, _, _ in spans]  # each sample's packed slots
+        # each sample's packed slots, where states are kept or used
+        slots = [np.flatnonzero(packed.segments.ravel() == i) for i, _, _ in spans] if start or keep else []
         hidden = None
         if start:
             kept = states.rows[tuple(rows[spans[0][0]][0])]
