@@ -5,8 +5,8 @@ The runner is the only module that knows both the editing methods and the evalua
 * Pre-edit evaluation runs once per (model, data, evaluation settings) and is cached on disk
   under `{output_dir}/.pre_cache/`, written batch by batch, so a second method on the same data
   never recomputes it. In single mode a group's pre-edit pass runs right after the group's edits:
-  its WILD prefill keeps each prompt's layers below the lowest edited one (`generate.PromptStates`)
-  and the post-edit pass prefills the same prompts from there.
+  its packed WILD prefill and teacher-forced scoring keep each prompt's layers below the lowest
+  edited one (`generate.PromptStates`) and the post-edit pass starts the same prompts from there.
 * single: every sample is evaluated on `original params + its own edit` -- restoring is free,
   the original pytree is simply kept -- and `stack_edits` such edited models are evaluated in one
   batched pass (`mirage_jax.model.stack`: only the leaves the edits changed are stacked);
@@ -226,8 +226,8 @@ def evaluate(model: Any, params: Any, reqs: Sequence[EditRequest], rc: RunConfig
     """Metrics of each request on `params`, per evaluation type; with `pre` (the pre-edit
     metrics of the same requests), locality against the pre-edit outputs. `params` may be an
     `EditStack` with one member per request: request i is then evaluated on member i. `states`:
-    the WILD prompts' lower layers, kept (`keep_states`, on the unedited model) or used
-    (`generate.PromptStates`)."""
+    the prompts' lower layers (WILD prefill, teacher-forced rows), kept (`keep_states`, on the
+    unedited model) or used (`generate.PromptStates`)."""
     out = [dict() for _ in reqs]
     if "wild" in rc.kinds:
         for o, w in zip(out, _evaluate_wild(model, params, reqs, rc, judge, pre, states, keep_states)):
@@ -333,7 +333,7 @@ def pre_cache_path(model: Any, rc: RunConfig, judge: Judge) -> Path:
 def pre_edit(model: Any, reqs: Sequence[EditRequest], rc: RunConfig, judge: Judge,
              states: PromptStates | None = None) -> dict[int, dict]:
     """Pre-edit metrics of every request, from the cache where present, computed in batches (keeping
-    the WILD prompts' lower layers in `states`)."""
+    the prompts' lower layers in `states`)."""
     path = pre_cache_path(model, rc, judge)
     done = {row["case_id"]: row["metrics"] for row in _read_jsonl(path)}
     todo = [r for r in reqs if r.case_id not in done]
