@@ -743,6 +743,7 @@ def _generate_batch(
     row_of = np.asarray(slots)  # per prompt: its row in the batch, -1 once retired by a compaction
     outs: list[np.ndarray | None] = [None] * n  # per prompt: its generated ids, kept when it is retired
     step = 0
+    slots_most = _stack_blocks(params)  # member slots a compaction may fill (`_compaction`)
     while step < max_new:
         cache, state = _decode(params, cfg, cache, state, jnp.int32(min(step + chunk, max_new)), stop_ids,
                                checks)
@@ -761,7 +762,7 @@ def _generate_batch(
         if done.all():
             break
         plan = None if mesh is not None else _compaction(  # done rows would keep costing a full step
-            done, params.size if isinstance(params, EditStack) else 1, max_new - step)
+            done, params.size if isinstance(params, EditStack) else 1, max_new - step, slots_most)
         if plan is not None:
             out = distributed.fetch(state.out) if out is None else out
             for i in np.nonzero(row_of >= 0)[0]:
@@ -787,7 +788,7 @@ class _Plan(NamedTuple):
     done: np.ndarray  # [new batch] bool: filler rows
 
 
-def _compaction(done: np.ndarray, k: int, steps_left: int) -> _Plan | None:
+def _compaction(done: np.ndarray, k: int, steps_left: int, max_slots: int | None = None) -> _Plan | None:
     """A batch for the rows still running, when it has at most half the rows and the rows it drops
     would have cost at least `MIN_SAVED_ROW_STEPS` over the steps left: most answers end well before
     the longest (on the default model under chat_temp ~27 of 50 tokens), and every done row would
@@ -799,12 +800,16 @@ def _compaction(done: np.ndarray, k: int, steps_left: int) -> _Plan | None:
 
     With an edit stack (`k` members, rows member-major) the members without running rows go, and a
     member with more running rows than the new rows per member is split over several member slots
-    (its stacked leaves repeated; `_compact_shape`). Without the split one member with 5 running
-    rows kept 8 rows for every member: a stack of 16 members x 8 rows ran all 50 steps at
-    128 rows with 10 of them running at the end (QAEdit, FT-M)."""
+    (its stacked leaves repeated, at most `max_slots` slots -- `_stack_blocks`, by default the
+    stack's bucket; `_compact_shape`). Without the split one member with 5 running rows kept 8 rows
+    for every member: a stack of 16 members x 8 rows ran all 50 steps at 128 rows with 10 of them
+    running at the end (QAEdit, FT-M); with the slots capped at the stack's 16 it kept 128 rows
+    until each member had at most 4 running (QAEdit, FT-M: step 32 of 50, 39 running), where 32
+    slots of 2 rows held them at step 24 (63 running)."""
     per = len(done) // k
     counts = (~done).reshape(k, per).sum(1)
-    new_k, new_per = _compact_shape(counts, per, min(len(done), MIN_COMPACT_ROWS))
+    max_slots = bucket(k, 1) if max_slots is None else max(bucket(k, 1), max_slots)
+    new_k, new_per = _compact_shape(counts, per, min(len(done), MIN_COMPACT_ROWS), max_slots)
     rows_new = new_k * new_per
     if 2 * rows_new > len(done) or (len(done) - rows_new) * steps_left < MIN_SAVED_ROW_STEPS:
         return None
@@ -821,16 +826,16 @@ def _compaction(done: np.ndarray, k: int, steps_left: int) -> _Plan | None:
     return _Plan(rows, members, new_done)
 
 
-def _compact_shape(counts: np.ndarray, per: int, floor: int) -> tuple[int, int]:
+def _compact_shape(counts: np.ndarray, per: int, floor: int, max_slots: int) -> tuple[int, int]:
     """(members, rows per member) of the fewest rows, at least `floor`, that hold `counts[m]` running
-    rows of each member m: powers of two, at most as many member slots as the stack's bucket; of
-    equal row counts the one with more rows per member (fewer copies of stacked leaves)."""
+    rows of each member m: powers of two, at most `max_slots` member slots; of equal row counts the
+    one with more rows per member (fewer copies of stacked leaves)."""
     if len(counts) == 1:  # plain params: one block of rows
         return 1, max(bucket(int(counts[0]), 1), floor)
     shapes = []
     for q in (1 << i for i in range(per.bit_length())):  # rows per member: the powers of two <= per
         k = max(bucket(sum(-(-int(c) // q) for c in counts), 1), -(-floor // q))  # filler members to the floor
-        if k <= bucket(len(counts), 1):
+        if k <= max_slots:
             shapes.append((k * q, -q, k))
     _, neg_q, k = min(shapes)
     return k, -neg_q

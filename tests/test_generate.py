@@ -307,3 +307,19 @@ def test_the_default_batch_fits_the_cache_budget():
     cfg = models["Llama-2-7B"]
     per_row = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2 * (128 + 64)
     assert 32 * per_row <= gen.KV_BUDGET < 64 * per_row
+
+
+def test_compaction_may_fill_more_member_slots_than_the_stack_has_where_the_bytes_allow():
+    """16 members x 8 rows, each member with 2-5 running rows (59): capped at the stack's 16 slots
+    the rows stay at 128 (8 per member: one member has 5); with more slots allowed (`_stack_blocks`:
+    small stacked leaves) 32 slots of 2 rows hold them in 64 (64 slots of one row would too: the
+    more rows per slot, the fewer copies of the leaves), every row still on its own member."""
+    counts = [5, 4, 4, 2, 4, 4, 4, 4, 4, 2, 4, 4, 4, 4, 2, 4]
+    done = np.ones(128, bool)
+    for m, c in enumerate(counts):
+        done[m * 8 : m * 8 + c] = False
+    assert gen._compaction(done, 16, 50) is None
+    plan = gen._compaction(done, 16, 50, max_slots=64)
+    assert plan.rows.size == 64 and plan.members.size == 32
+    assert all(plan.rows[j] // 8 == plan.members[j // 2] for j in range(64))
+    assert sorted(int(r) for r, d in zip(plan.rows, plan.done) if not d) == list(np.nonzero(~done)[0])
