@@ -178,7 +178,7 @@ def test_a_shared_prefix_is_prefilled_once_and_changes_no_generation(tiny, monke
     shared = _counting(monkeypatch, "_prefix_cache")
     got = gen.generate_ids(params, cfg, tok, rows, max_new_tokens=MAX_NEW, batch_size=8, chunk=5)
     assert len(shared) == 1  # one batch: 1 x 16 prefix slots + 8 x 16 rest slots < 8 x 32 whole prompts
-    monkeypatch.setattr(gen, "_shared_prefix", lambda *a: 0)
+    monkeypatch.setattr(gen, "_shared_prefix", lambda *a, **k: 0)
     want = gen.generate_ids(params, cfg, tok, rows, max_new_tokens=MAX_NEW, batch_size=8, chunk=5)
     assert got == want
     assert len({g.ids for g in want}) >= 3  # the premise: the rests lead to different answers
@@ -198,6 +198,11 @@ def test_when_a_prefix_is_shared():
     assert gen._shared_prefix(params, cfg, [head[:17], head[:17] + [7, 8], head[:17] + [9]], 4, 1, 64) == 16  # 1 left
     assert gen._shared_prefix(params, cfg, rows[:1], 1, 1, 64) == 0  # one prompt: 32 + 32 slots > 32
     assert gen._shared_prefix(params, cfg.replace(sliding_window=64), rows, 8, 1, 64) == 0  # the window could bind
+    # Prompts that fit 64 slots whole, where the shared layout takes 32 + 96: unpacked rests would fill
+    # 8 x 64 positions (no gain); packed (first fit into rows of 64) they take 3 rows.
+    short = [head + [40 + i] * n for i, n in enumerate((5, 8, 10, 12, 15, 20, 25, 40))]
+    assert gen._shared_prefix(params, cfg, short, 8, 1, 64) == 24
+    assert gen._shared_prefix(params, cfg, short, 8, 1, 64, packs=False) == 0
     assert gen._shared_prefix(params, cfg.replace(sliding_window=160), rows, 8, 1, 64) == 24  # it never binds
     adapted = {"layers": [{"mlp": {"grace": {}}}]}
     assert gen._shared_prefix(adapted, cfg, rows, 8, 1, 64) == 0
