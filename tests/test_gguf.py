@@ -151,6 +151,57 @@ def _one_line(exc: BaseException) -> str:
     return message
 
 
+def _reader_view(path) -> tuple[dict, list]:
+    """What gguf-py's own `GGUFReader` reads from `path`: metadata, and per tensor its name, ggml
+    shape, type and raw data -- the reference `open_gguf`'s faster parse must agree with."""
+    import gguf
+
+    ref = gguf.GGUFReader(str(path))
+    meta = {k: f.contents() for k, f in ref.fields.items() if not k.startswith("GGUF.")}
+    return meta, [(t.name, tuple(int(n) for n in t.shape), t.tensor_type, np.asarray(t.data)) for t in ref.tensors]
+
+
+def _assert_same_file(path) -> None:
+    meta, tensors = _reader_view(path)
+    ours = mg.open_gguf(path)
+    assert ours.metadata == meta
+    assert [(t.name, t.shape, t.tensor_type) for t in ours.tensors] == [x[:3] for x in tensors]
+    for t, (*_, data) in zip(ours.tensors, tensors):
+        assert t.data.dtype == data.dtype and t.data.shape == data.shape and np.array_equal(t.data, data), t.name
+
+
+def test_header_parse_matches_gguf_reader_on_the_default_file(gguf_path):
+    """Every metadata value (49k tokens, 48k merges...) and every tensor's raw bytes, as gguf-py reads them."""
+    _assert_same_file(gguf_path)
+
+
+def test_every_value_type_and_tensor_kind_reads_as_gguf_reader_does(tmp_path):
+    """Each GGUF value type, arrays of numbers and of strings, and F32 / F16 / Q8_0 tensors."""
+    import gguf
+
+    path = tmp_path / "types.gguf"
+    w = gguf.GGUFWriter(str(path), arch="llama")
+    for add, key, value in [(w.add_uint8, "u8", 7), (w.add_int8, "i8", -7), (w.add_uint16, "u16", 700),
+                            (w.add_int16, "i16", -700), (w.add_uint32, "u32", 70000), (w.add_int32, "i32", -70000),
+                            (w.add_float32, "f32", 0.5), (w.add_bool, "b", True), (w.add_uint64, "u64", 1 << 40),
+                            (w.add_int64, "i64", -(1 << 40)), (w.add_float64, "f64", 0.25), (w.add_string, "s", "café"),
+                            (w.add_array, "ints", [1, 2, 3]), (w.add_array, "strs", ["a", "bc", ""]),
+                            (w.add_array, "floats", [0.5, 1.5])]:
+        add(f"t.{key}", value)
+    w.add_tensor("a.weight", np.arange(12, dtype=np.float32).reshape(3, 4))
+    w.add_tensor("b.weight", np.arange(8, dtype=np.float16).reshape(2, 4))
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    w.add_tensor("c.weight", gguf.quants.quantize(np.linspace(-1, 1, 128, dtype=np.float32).reshape(2, 64), q8),
+                 raw_dtype=q8)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    _assert_same_file(path)
+    ours = {t.name: t for t in mg.open_gguf(path).tensors}
+    assert ours["c.weight"].shape == (64, 2) and mg.dequantize_tensor(ours["c.weight"]).shape == (2, 64)
+
+
 def test_missing_file(tmp_path):
     path = tmp_path / "absent.gguf"
     with pytest.raises(FileNotFoundError) as e:
