@@ -603,11 +603,12 @@ def _shared_prefix(params: Any, cfg: ModelConfig, rows: Sequence[Sequence[int]],
     """How many leading tokens every prompt of the batch shares and `_prefix_cache` should run once
     (0: prefill as usual). Worth it when it cuts the prefilled positions (``members`` prefix rows +
     the rests vs ``batch`` whole prompts in their bucket) and the prefix has at least
-    `MIN_SHARED_PREFIX` tokens. The rests count as packed (`packs`: `_pack_prompts`, about their
-    first-fit rows) where the batch may be: counted as ``batch`` rows of the layout's rest slots, a
-    QAEdit batch whose longest chat-template prompt fit 64 slots (a 32-slot prefix bucket + rests of
-    up to 33 tokens makes 128) prefilled 128 x 64 whole prompts unpacked: 12.3 s where sharing
-    prefills ~40 packed rows of 64 (~3.6 s). At least one token of each prompt stays in its rest: the prefill
+    `MIN_SHARED_PREFIX` tokens. Where the batch may be packed (`packs`: not on a mesh) the rests
+    count as about their first-fit rows (`_pack_prompts` packs them where that pays), else as
+    ``batch`` rows of the layout's rest slots. Counted that way everywhere, a QAEdit batch whose
+    longest chat-template prompt fit 64 slots (a 32-slot prefix bucket + rests of up to 33 tokens
+    makes 128) prefilled 128 x 64 whole prompts unpacked: 12.3 s where sharing prefills ~40 packed
+    rows of 64 (~3.6 s). At least one token of each prompt stays in its rest: the prefill
     picks the first new token at the last one. Not with MLP adapters (their routing looks at the
     last prompt token of the call), nor where a sliding window could bind (it counts cache slots,
     and the padding between a prefix and a shorter rest would widen the gaps)."""
@@ -620,10 +621,11 @@ def _shared_prefix(params: Any, cfg: ModelConfig, rows: Sequence[Sequence[int]],
         return 0
     longest = max(lengths)
     prompt_slots = bucket(bucket(common) + longest - common)  # `_generate_batch`'s layout
-    width = min(bucket(longest - common), prompt_slots - bucket(common))  # a rest's row, as the prefill pads it
-    rests = batch * width
+    rest_slots = prompt_slots - bucket(common)
+    rests = batch * rest_slots
     if packs:
-        rests = min(rests, first_fit([n - common for n in lengths], width)[1] * width)
+        width = min(bucket(longest - common), rest_slots)  # a packed row, as `_pack_prompts` makes it
+        rests = min(batch * width, first_fit([n - common for n in lengths], width)[1] * width)
     if members * bucket(common) + rests >= batch * bucket(longest):
         return 0
     if cfg.sliding_window is not None and cfg.sliding_window < prompt_slots + new_slots:
@@ -812,8 +814,8 @@ def _compaction(done: np.ndarray, k: int, steps_left: int, max_slots: int | None
     stack's bucket; `_compact_shape`). Without the split one member with 5 running rows kept 8 rows
     for every member: a stack of 16 members x 8 rows ran all 50 steps at 128 rows with 10 of them
     running at the end (QAEdit, FT-M); with the slots capped at the stack's 16 it kept 128 rows
-    until each member had at most 4 running (QAEdit, FT-M: step 32 of 50, 39 running), where 32
-    slots of 2 rows held them at step 24 (63 running)."""
+    until each member had at most 4 running (QAEdit, FT-M: step 32 of 50, 39 running), where more
+    slots held them in 64 rows from step 24 (63 running)."""
     per = len(done) // k
     counts = (~done).reshape(k, per).sum(1)
     max_slots = bucket(k, 1) if max_slots is None else max(bucket(k, 1), max_slots)

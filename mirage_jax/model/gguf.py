@@ -236,11 +236,6 @@ def open_gguf(path: str | pathlib.Path) -> GGUFFile:
         ) from exc
 
 
-def gguf_metadata(file: GGUFFile) -> dict[str, Any]:
-    """All key/value metadata as plain Python values."""
-    return dict(file.metadata)
-
-
 def dequantize_tensor(tensor: Any) -> np.ndarray:
     """One GGUF tensor as float32 in numpy (= HF) order, whatever its storage type."""
     values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
@@ -399,11 +394,7 @@ def tokenizer_from_gguf(reader_or_metadata: GGUFFile | Mapping[str, Any]):
     from tokenizers import AddedToken, Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
-    meta = (
-        gguf_metadata(reader_or_metadata)
-        if isinstance(reader_or_metadata, GGUFFile)
-        else reader_or_metadata
-    )
+    meta = reader_or_metadata.metadata if isinstance(reader_or_metadata, GGUFFile) else reader_or_metadata
     model_type = meta.get("tokenizer.ggml.model")
     if model_type != "gpt2":
         raise ValueError(f"unsupported GGUF tokenizer model {model_type!r} (only byte-level BPE 'gpt2')")
@@ -450,7 +441,7 @@ def read_gguf(path: str | pathlib.Path) -> GGUFCheckpoint:
     path = pathlib.Path(path)
     reader = open_gguf(path)
     try:
-        meta = gguf_metadata(reader)
+        meta = reader.metadata
         names = {t.name for t in reader.tensors}
         config = hf_config_from_metadata(meta, names)
         tensors = LazyTensors(hf_tensor_entries(reader, config))
