@@ -77,6 +77,7 @@ from mirage_jax.model.transformer import (
     map_slots,
     params_dtype,
     positions_from_mask,
+    top_token,
     unembed,
 )
 from mirage_jax.tokens import bucket, first_fit, first_fit_members, member_blocks, split_pays, vocab_texts
@@ -141,7 +142,7 @@ def _redo_switched(params: Params, cfg: ModelConfig, cache: KVCache, s: DecodeSt
         out = forward(params, cfg, full, attn_mask=mask, cache=cache, cache_index=0, prompt_len=s.prompt_len,
                       routes=fixed, return_logits=False)
         last = jax.lax.dynamic_slice_in_dim(out.hidden, slot, 1, axis=1)
-        again = jnp.argmax(unembed(params, cfg, last)[:, -1], axis=-1).astype(jnp.int32)
+        again = top_token(unembed(params, cfg, last)[:, -1])
         pick = lambda new, old: jnp.where(switched.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)  # noqa: E731
         return jax.tree_util.tree_map(pick, out.cache, cache), pick(again, nxt)
 
@@ -166,7 +167,7 @@ def _prefill_impl(params: Params, cfg: ModelConfig, tokens: jax.Array, mask: jax
     out = forward(params, cfg, tokens, attn_mask=mask, positions=positions, cache=cache, cache_index=start,
                   prompt_len=prompt_len, return_logits=False)
     logits = unembed(params, cfg, out.hidden[:, -1:])
-    return out.cache, jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), out.routes
+    return out.cache, top_token(logits[:, -1]), out.routes
 
 
 def _fill_prefix(cache: KVCache, prefix: KVCache) -> KVCache:
@@ -282,6 +283,16 @@ def _stack_blocks(params: Any) -> int:
     return max(params.size, REPEAT_BYTES // max(per_member, 1))
 
 
+class _Bank(NamedTuple):
+    """What a keeping prefill (`PromptStates`) computed below the kept layer at each slot of its
+    packed rests, flat and token-major, on the device: ``N`` a power of two above the packed slots,
+    so that its last rows are zeros ("no token", where `_PackedPrompts.source` says none)."""
+
+    hidden: jax.Array  # [N, D] the hidden state entering the kept layer
+    k: jax.Array  # [layer, N, H_kv, hd] keys of the layers below it
+    v: jax.Array  # [layer, N, H_kv, hd] values
+
+
 @dataclasses.dataclass
 class PromptStates:
     """What an unedited model's prefill computed below `layer` for each prompt (its token ids): the
@@ -291,12 +302,15 @@ class PromptStates:
 
     Why: a single-edit run asks every question twice, before the edit and after it, and an edit that
     changes only layers >= `layer` leaves the layers below computing what they computed before (FT-M
-    on the default model: one MLP of layer 20 of 30, two thirds of every post-edit prefill)."""
+    on the default model: one MLP of layer 20 of 30, two thirds of every post-edit prefill). The
+    states stay on the device, in the keeping prefill's packed layout (`_Bank`), and each prompt
+    records where its tokens lie there: copied out per prompt and back in as whole rest slots, the
+    default model's 112 QAEdit prompts moved ~0.4 GB a group through the host (~1.3 s of ~19)."""
 
     layer: int
-    # prompt ids -> (shared prefix tokens, hidden [n, D], keys [layer, H_kv, hd, n], values [layer, H_kv, n, hd])
-    rests: dict[tuple[int, ...], tuple[int, np.ndarray, np.ndarray, np.ndarray]] = dataclasses.field(
-        default_factory=dict)
+    # prompt ids -> (shared prefix tokens, its bank in `banks`, the bank row of each token of its rest)
+    rests: dict[tuple[int, ...], tuple[int, int, np.ndarray]] = dataclasses.field(default_factory=dict)
+    banks: list[_Bank] = dataclasses.field(default_factory=list)
     # a teacher-forced row's ids (prompt + target, `evaluation.synthetic`) -> the hidden state entering
     # `layer` at each of its tokens: without a cache that is all the layers above need
     rows: dict[tuple[int, ...], np.ndarray] = dataclasses.field(default_factory=dict)
@@ -313,20 +327,35 @@ class PromptStates:
         return all(self.rests.get(tuple(r), (-1,))[0] == shared for r in rows)
 
 
+def _flat_rests(layer: jax.Array, axis: int, pk: int, size: int) -> jax.Array:
+    """A packed prefill's cache layer (`axis` its slots, the first `pk` the prefix) as its rest slots
+    one after the other, row by row ``[size, ...]`` -- `_PackedPrompts.source`'s numbering -- with
+    zero rows after the last slot."""
+    slots = jnp.moveaxis(layer, axis, 1)[:, pk:]
+    flat = slots.reshape((-1,) + slots.shape[2:])
+    return jnp.pad(flat, [(0, size - flat.shape[0])] + [(0, 0)] * (flat.ndim - 1))
+
+
+def _scatter_rests(full: jax.Array, flat: jax.Array, source: jax.Array, pk: int, axis: int) -> jax.Array:
+    """`full` (a batch cache layer) with the rest slots ``[pk, pk + R)`` of each row taken from the
+    rows `source` ``[B, R]`` of `flat` (`_flat_rests`)."""
+    return jax.lax.dynamic_update_slice_in_dim(full, jnp.moveaxis(flat[source], 1, axis), pk, axis)
+
+
 @functools.partial(jax.jit, static_argnums=(1,), static_argnames=("start", "keep"), donate_argnums=(2,))
 def _prefill_packed(params: Params, cfg: ModelConfig, cache: KVCache, packed: _PackedPrompts,
                     prefix: KVCache | None, prefix_mask: jax.Array | None, *, start: int = 0, keep: int = 0,
-                    below: tuple[jax.Array, jax.Array, jax.Array] | None = None
-                    ) -> tuple[KVCache, jax.Array, jax.Array | None]:
+                    below: tuple[_Bank, jax.Array, jax.Array] | None = None
+                    ) -> tuple[KVCache, jax.Array, _Bank | None]:
     """`_prefill` of a batch whose rests are packed (`_pack_prompts`): one forward over the packed
     rows (each token sees the member's shared prefix and the earlier tokens of its own prompt), then
     every rest's keys / values gathered into its row's slots of the batch's cache (the same layout as
     `_prefill`'s, so decoding is unchanged) and each row's first new token read at its last token.
 
-    `start` > 0: the layers below it are not run; ``below`` = (the hidden state entering `start` at
-    each packed slot, the rests' keys and values of layers ``0..start-1`` in the cache's rest slots,
-    ``[start, B, ...]``), from `PromptStates`. `keep` > 0: also return the hidden state entering layer
-    `keep` at each packed slot (plain params only), for `PromptStates`."""
+    `start` > 0: the layers below it are not run; ``below`` = (a `_Bank` of `PromptStates`, the bank
+    row of each packed slot ``[rows * W]``, of each of the cache's rest slots ``[B, R]``): the hidden
+    state entering `start` and the keys / values under it. `keep` > 0: also return this prefill's
+    `_Bank` below layer `keep` (plain params only), for `PromptStates`."""
     rows, width = packed.tokens.shape
     seg = packed.segments
     own = (seg[:, :, None] == seg[:, None, :]) | jnp.eye(width, dtype=bool)  # an empty slot sees itself
@@ -343,63 +372,64 @@ def _prefill_packed(params: Params, cfg: ModelConfig, cache: KVCache, packed: _P
         own = jnp.concatenate([jnp.broadcast_to(seen_prefix, (rows, width, pk)), own], axis=-1)
     hidden_in = None
     if start:  # the layers below `start` as the unedited model left them
-        hidden_in, lower_k, lower_v = below
-        put = lambda full, rests, axis: jax.lax.dynamic_update_slice_in_dim(full, rests, pk, axis)  # noqa: E731
-        cache = KVCache([put(c, lower_k[i], K_SLOT_AXIS) if i < start else c for i, c in enumerate(cache.k)],
-                        [put(c, lower_v[i], V_SLOT_AXIS) if i < start else c for i, c in enumerate(cache.v)])
+        bank, hidden_at, lower_at = below
+        hidden_in = bank.hidden[hidden_at].reshape(rows, width, -1)
+        cache = KVCache([_scatter_rests(c, bank.k[i], lower_at, pk, K_SLOT_AXIS) if i < start else c
+                         for i, c in enumerate(cache.k)],
+                        [_scatter_rests(c, bank.v[i], lower_at, pk, V_SLOT_AXIS) if i < start else c
+                         for i, c in enumerate(cache.v)])
     out = forward(run, cfg, None if start else packed.tokens, hidden=hidden_in, start_layer=start, attn_mask=own,
                   positions=packed.positions, cache=part, cache_index=pk, return_logits=False,
                   reads=(("layer_in", keep),) if keep else ())
-
-    def place(full: jax.Array, done: jax.Array, axis: int) -> jax.Array:
-        packed_slots = jnp.moveaxis(done, axis, 1)[:, pk:]  # [rows, W, ...]: slots second, as `source` counts
-        flat = packed_slots.reshape((rows * width,) + packed_slots.shape[2:])
-        flat = jnp.concatenate([flat, jnp.zeros_like(flat[:1])])  # the "none" slot: zeros
-        return jax.lax.dynamic_update_slice_in_dim(full, jnp.moveaxis(flat[packed.source], 1, axis), pk, axis)
-
-    new = map_slots(place, cache, out.cache)
+    slots = rows * width + 1  # + the "none" slot of `packed.source`: zeros
+    new = map_slots(lambda full, done, axis: _scatter_rests(full, _flat_rests(done, axis, pk, slots), packed.source,
+                                                            pk, axis), cache, out.cache)
     new = KVCache(cache.k[:start] + new.k[start:], cache.v[:start] + new.v[start:])
     new = new if prefix is None else _fill_prefix(new, prefix)
     hidden = out.hidden.reshape(rows * width, -1)[packed.last]
-    first = jnp.argmax(unembed(params, cfg, hidden[:, None])[:, -1], axis=-1).astype(jnp.int32)
-    return new, first, out.reads[("layer_in", keep)] if keep else None
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _rests_below(cache: KVCache, layer: int, pk: int, rest_slots: int) -> tuple[jax.Array, jax.Array]:
-    """The keys / values of layers ``0..layer-1`` in the cache's rest slots ``[pk, pk + rest_slots)``,
-    stacked ``[layer, B, ...]`` (`PromptStates`)."""
-    k = jnp.stack([jax.lax.slice_in_dim(x, pk, pk + rest_slots, axis=K_SLOT_AXIS) for x in cache.k[:layer]])
-    v = jnp.stack([jax.lax.slice_in_dim(x, pk, pk + rest_slots, axis=V_SLOT_AXIS) for x in cache.v[:layer]])
-    return k, v
+    first = top_token(unembed(params, cfg, hidden[:, None])[:, -1])
+    if not keep:
+        return new, first, None
+    size = bucket(slots, 1)  # a power of two: the post-edit prefill's shapes follow few bank sizes
+    flat = lambda layers, axis: jnp.stack([_flat_rests(x, axis, pk, size) for x in layers[:keep]])  # noqa: E731
+    held = jnp.pad(out.reads[("layer_in", keep)].reshape(rows * width, -1), ((0, size - rows * width), (0, 0)))
+    return new, first, _Bank(held, flat(out.cache.k, K_SLOT_AXIS), flat(out.cache.v, V_SLOT_AXIS))
 
 
 def _keep_states(states: PromptStates, rows: Sequence[Sequence[int]], slots: Sequence[int], shared: int,
-                 packed: _PackedPrompts, hidden: jax.Array, cache: KVCache, pk: int, rest_slots: int) -> None:
-    """Each prompt's rest below `states.layer`, from a packed prefill on the unedited model."""
-    flat = np.asarray(jax.device_get(hidden)).reshape(-1, hidden.shape[-1])
-    k, v = jax.device_get(_rests_below(cache, states.layer, pk, rest_slots))
+                 packed: _PackedPrompts, bank: _Bank, rest_slots: int) -> None:
+    """Each prompt's rest below `states.layer`, from a packed prefill on the unedited model: where
+    its tokens lie in that prefill's `bank` (which stays on the device)."""
+    states.banks.append(bank)
     for ids, row in zip(rows, slots):
         n = len(ids) - shared
-        states.rests[tuple(ids)] = (shared, flat[packed.source[row, rest_slots - n:]].copy(),
-                                    k[:, row, :, :, rest_slots - n:].copy(), v[:, row, :, rest_slots - n:].copy())
+        states.rests[tuple(ids)] = (shared, len(states.banks) - 1, packed.source[row, rest_slots - n:].copy())
 
 
 def _states_below(states: PromptStates, rows: Sequence[Sequence[int]], slots: Sequence[int], shared: int,
-                  packed: _PackedPrompts, batch: int, rest_slots: int) -> tuple[np.ndarray, ...]:
-    """`_prefill_packed`'s ``below`` for the prompts of a batch, from `states`: the hidden states at
-    the packed slots, the keys / values of the rests at their rows' rest slots (zeros elsewhere)."""
-    _, h0, k0, _ = states.rests[tuple(rows[0])]
-    (layers, heads, hd, _), dim = k0.shape, h0.shape[-1]
-    hidden = np.zeros((packed.tokens.size + 1, dim), h0.dtype)  # + the "none" slot
-    k = np.zeros((layers, batch, heads, hd, rest_slots), k0.dtype)
-    v = np.zeros((layers, batch, heads, rest_slots, hd), k0.dtype)
+                  packed: _PackedPrompts, batch: int, rest_slots: int) -> tuple[_Bank, np.ndarray, np.ndarray]:
+    """`_prefill_packed`'s ``below`` for the prompts of a batch, from `states`: the bank (the kept
+    banks its prompts come from, one after the other) and the bank row of each packed slot and of
+    each row's rest slots (a zero row where no token is)."""
+    used = sorted({states.rests[tuple(ids)][1] for ids in rows})
+    banks = [states.banks[b] for b in used]
+    sizes = [x.hidden.shape[0] for x in banks]
+    offset = dict(zip(used, np.cumsum([0] + sizes[:-1]).tolist()))
+    bank = banks[0] if len(banks) == 1 else _concat_banks(banks)
+    none = sum(sizes) - 1  # the last bank's last row: zeros
+    hidden_at = np.full(packed.tokens.size + 1, none, np.int32)  # + `packed.source`'s none slot, dropped
+    lower_at = np.full((batch, rest_slots), none, np.int32)
     for ids, row in zip(rows, slots):
-        _, h, kr, vr = states.rests[tuple(ids)]
+        _, b, at = states.rests[tuple(ids)]
         n = len(ids) - shared
-        hidden[packed.source[row, rest_slots - n:]] = h
-        k[:, row, :, :, rest_slots - n:], v[:, row, :, rest_slots - n:] = kr, vr
-    return hidden[:-1].reshape(packed.tokens.shape + hidden.shape[-1:]), k, v
+        hidden_at[packed.source[row, rest_slots - n:]] = lower_at[row, rest_slots - n:] = at + offset[b]
+    return bank, hidden_at[:-1], lower_at
+
+
+@jax.jit
+def _concat_banks(banks: Sequence[_Bank]) -> _Bank:
+    """Banks one after the other (a batch whose prompts were kept by several prefills)."""
+    return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, axis=-3 if xs[0].ndim == 4 else 0), *banks)
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
@@ -442,7 +472,7 @@ def _decode_impl(params: Params, cfg: ModelConfig, cache: KVCache, state: Decode
         pos = (s.prompt_len + s.step)[:, None]
         out = forward(params, cfg, tok[:, None], attn_mask=mask, positions=pos, cache=cache, cache_index=slot,
                       prompt_len=s.prompt_len, routes=s.routes)
-        nxt = jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32)
+        nxt = top_token(out.logits[:, -1])
         new_cache, switched = out.cache, _switched(out.routes)
         if switched is not None:
             new_cache, nxt = _redo_switched(params, cfg, out.cache, s, out_tokens, mask, slot, out.routes, nxt,
@@ -725,11 +755,12 @@ def _generate_batch(
         args = (params, cfg, cache, jax.tree_util.tree_map(jnp.asarray, packed), prefix_kv,
                 jnp.asarray(prefix_mask) if shared else None)
         if states is not None and states.layer and keep_states:
-            cache, nxt, hidden = _prefill_packed(*args, keep=states.layer)
-            _keep_states(states, rows, slots, shared, packed, hidden, cache, pk, p - pk)
+            cache, nxt, bank = _prefill_packed(*args, keep=states.layer)
+            _keep_states(states, rows, slots, shared, packed, bank, p - pk)
         elif states is not None and states.start_for(params, cfg) and states.covers(rows, shared):
-            below = _states_below(states, rows, slots, shared, packed, b, p - pk)
-            cache, nxt, _ = _prefill_packed(*args, start=states.layer, below=tuple(map(jnp.asarray, below)))
+            bank, hidden_at, lower_at = _states_below(states, rows, slots, shared, packed, b, p - pk)
+            cache, nxt, _ = _prefill_packed(*args, start=states.layer,
+                                            below=(bank, jnp.asarray(hidden_at), jnp.asarray(lower_at)))
         else:
             cache, nxt, _ = _prefill_packed(*args)
     elif len(blocks) == 1:

@@ -328,3 +328,22 @@ def test_compaction_may_fill_more_member_slots_than_the_stack_has_where_the_byte
     assert plan.rows.size == 64 and plan.members.size == 32
     assert all(plan.rows[j] // 8 == plan.members[j // 2] for j in range(64))
     assert sorted(int(r) for r, d in zip(plan.rows, plan.done) if not d) == list(np.nonzero(~done)[0])
+
+
+@pytest.mark.parametrize("vocab", [49152, 32000, 1009, 200])
+def test_top_token_is_the_first_argmax(vocab):
+    """`top_token` (the max of each block of logits, then the argmax inside the first block holding
+    it) picks `jnp.argmax`'s token -- the first of tied maxima, across blocks and inside one -- for a
+    vocabulary of 1024-, 1000-logit blocks, one block, and none (200: plain argmax). Planted bug
+    caught: the last block holding the max."""
+    import jax.numpy as jnp
+
+    from mirage_jax.model.transformer import top_token
+
+    rng = np.random.default_rng(vocab)
+    logits = rng.integers(-3, 4, size=(3, 5, vocab)).astype(np.float32)  # many ties, in and across blocks
+    logits[0, 0] = -np.inf
+    logits[0, 1, vocab // 2] = np.inf
+    logits[1, 2, -1] = 9.0  # the max in the last slot only
+    got = np.asarray(top_token(jnp.asarray(logits)))
+    assert got.dtype == np.int32 and (got == np.argmax(logits, axis=-1)).all()

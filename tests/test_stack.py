@@ -243,8 +243,8 @@ def test_the_lowest_changed_layer_bounds_what_the_unedited_model_computes(tiny):
     assert stack.lowest_layer([], n) == n
 
 
-@pytest.mark.parametrize("head", [0, 14])
-def test_a_stack_prefills_from_where_the_unedited_model_left_its_prompts(tiny, monkeypatch, head):
+@pytest.mark.parametrize("head, calls", [(0, 1), (14, 1), (14, 2)])
+def test_a_stack_prefills_from_where_the_unedited_model_left_its_prompts(tiny, monkeypatch, head, calls):
     """The unedited model keeps each prompt's rest below the edited layer (`PromptStates`, the
     hidden state entering it and the keys / values under it); a stack of edits of that layer then
     prefills the same prompts from there (`_states_below`) -- and every generation equals the
@@ -260,9 +260,11 @@ def test_a_stack_prefills_from_where_the_unedited_model_left_its_prompts(tiny, m
     owner = [0, 0, 0, 1, 2, 3, 1]
     states = gen.PromptStates(layer)
     kw = dict(max_new_tokens=10)
-    before = gen.generate_ids(tiny.params, tiny.cfg, tiny.tokenizer, prompts, states=states, keep_states=True,
-                              batch_size=8, **kw)
-    assert set(states.rests) == {tuple(p) for p in prompts}
+    halves = [prompts[::2], prompts[1::2]] if calls == 2 else [prompts]  # 2: each stack batch spans both banks
+    kept = [gen.generate_ids(tiny.params, tiny.cfg, tiny.tokenizer, part, states=states, keep_states=True,
+                             batch_size=8, **kw) for part in halves]
+    before = [kept[i % calls][i // calls] for i in range(len(prompts))]
+    assert set(states.rests) == {tuple(p) for p in prompts} and len(states.banks) == calls
     assert before == gen.generate_ids(tiny.params, tiny.cfg, tiny.tokenizer, prompts, batch_size=8, **kw)
     used, fn = [], gen._states_below
     monkeypatch.setattr(gen, "_states_below", lambda *a: used.append(1) or fn(*a))

@@ -28,7 +28,7 @@ from mirage_jax.model import sharding, stack
 from mirage_jax.model.adapters import has_adapters
 from mirage_jax.model.config import ModelConfig
 from mirage_jax.model.stack import EditStack
-from mirage_jax.model.transformer import forward, unembed
+from mirage_jax.model.transformer import forward, top_token, unembed
 from mirage_jax.tokens import bucket, first_fit_members, make_batch, member_rows, split_pays, split_prompt_target
 
 
@@ -40,7 +40,7 @@ def _argmax_tokens(params, cfg: ModelConfig, tokens, attn_mask, prompt_len, read
     # prompt_len: an adapter (GRACE) acts at the last *prompt* token, as when the edit was made
     hidden = forward(params, cfg, tokens, attn_mask=attn_mask, prompt_len=prompt_len, return_logits=False).hidden
     logits = unembed(params, cfg, jnp.take_along_axis(hidden, read_pos[:, :, None], axis=1))
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return top_token(logits)
 
 
 def predicted_target_tokens(
@@ -165,7 +165,7 @@ def _argmax_packed(params: Any, cfg: ModelConfig, packed: _PackedScores, *, star
                   attn_mask=seg[:, :, None] == seg[:, None, :], positions=packed.positions, return_logits=False,
                   reads=(("layer_in", keep),) if keep else ())
     at = out.hidden.reshape(-1, out.hidden.shape[-1])[packed.reads]
-    pred = jnp.argmax(unembed(params, cfg, at[:, None])[:, -1], axis=-1).astype(jnp.int32)
+    pred = top_token(unembed(params, cfg, at[:, None])[:, -1])
     return pred, out.reads[("layer_in", keep)] if keep else None
 
 

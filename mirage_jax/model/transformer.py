@@ -317,6 +317,28 @@ def unembed(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
     return logits
 
 
+def top_token(logits: jax.Array) -> jax.Array:
+    """``argmax`` over the last (vocabulary) axis as int32: the index of the first largest logit.
+
+    Why not `jnp.argmax`: XLA's CPU backend runs its (value, index) reduction one element at a time
+    -- 14 ms for 128 rows of the default model's 49,152 logits, ~5% of a decode step -- where a
+    plain max vectorises. So: the max of each block of ~1k logits, the first block that holds the
+    row's max, the argmax inside it (~1 ms). The same index as `jnp.argmax` for logits without NaN."""
+    v = logits.shape[-1]
+    c = _vocab_block(v)
+    if c is None:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    blocks = logits.reshape(logits.shape[:-1] + (v // c, c))
+    which = jnp.argmax(blocks.max(-1), axis=-1)
+    inside = jnp.take_along_axis(blocks, which[..., None, None], axis=-2)[..., 0, :]
+    return (which * c + jnp.argmax(inside, axis=-1)).astype(jnp.int32)
+
+
+def _vocab_block(v: int) -> int | None:
+    """The divisor of a vocabulary size `v` in [256, 4096] nearest 1024 (`top_token`), None if none."""
+    return next((c for c in sorted(range(256, 4097), key=lambda c: abs(c - 1024)) if v % c == 0), None)
+
+
 def forward(
     params: Params,
     cfg: ModelConfig,
