@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -80,7 +81,16 @@ from mirage_jax.model.transformer import (
     top_token,
     unembed,
 )
-from mirage_jax.tokens import bucket, first_fit, first_fit_members, member_blocks, split_pays, vocab_texts
+from mirage_jax.tokens import (
+    bucket,
+    decode_rows,
+    first_fit,
+    first_fit_members,
+    ladder,
+    member_blocks,
+    split_pays,
+    vocab_texts,
+)
 
 StopFn = Callable[[str], bool]
 
@@ -217,7 +227,7 @@ def _prefill_blocks(rows: Sequence[Sequence[int]], slots: Sequence[int], batch: 
     width = lambda n: min(bucket(n), rest_slots)  # noqa: E731
     blocks = [(j * block, width(n)) for j, n in sorted(longest.items())]
     whole = width(max(longest.values()))
-    if len(blocks) > 1 and split_pays(block * sum(w for _, w in blocks), batch * whole):
+    if len(blocks) > 1 and split_pays(sum(min(block, batch - r) * w for r, w in blocks), batch * whole):
         return blocks
     return [(0, whole)]
 
@@ -550,6 +560,13 @@ def default_batch(cfg: ModelConfig, dtype: Any, max_new_tokens: int, prompt_slot
     return rows
 
 
+def _member_rows(k: int, most: int) -> int:
+    """Rows per member of an edit stack's generation batch (`stack.layout`) when a member has at
+    most `most` prompts: the fewest whose k-member total is a `decode_rows` size (16 QAEdit samples
+    of 7 questions: 7 a member, 112 rows, where a power of two per member made 128)."""
+    return next(per for per in itertools.count(most) if decode_rows(k * per) == k * per)
+
+
 def generate_ids(
     params: Any,
     cfg: ModelConfig,
@@ -590,7 +607,8 @@ def generate_ids(
     checks = jnp.asarray(_check_table(token_texts or (), chars, cfg.vocab_size))
     new_bucket = bucket(max_new_tokens, 16)  # one bucket for every batch of this call
     if isinstance(params, EditStack):
-        per, rounds = stack.layout(members, params.size, len(prompt_ids), batch_size)
+        per, rounds = stack.layout(members, params.size, len(prompt_ids), batch_size,
+                                   rows_per=functools.partial(_member_rows, params.size))
         batches = [([i for i, _ in r], [slot for _, slot in r], params.size * per) for r in rounds]
     else:
         order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # similar lengths together
@@ -718,8 +736,10 @@ def _generate_batch(
         )
     mesh = sharding.mesh_of(params)
     if rows_in_batch is None:
-        b = min(bucket(n, 1), bucket(batch_size, 1))  # batch bucket; a short last batch is not padded to batch_size
-        b = max(b, sharding.batch_axis_size(mesh))  # on a mesh, at least one row per batch shard
+        if mesh is None:  # a short last batch is not padded to batch_size
+            b = decode_rows(n)
+        else:  # at least one row per batch shard; powers of two split evenly
+            b = max(min(bucket(n, 1), bucket(batch_size, 1)), sharding.batch_axis_size(mesh))
     elif mesh is None:
         b = rows_in_batch
     else:
@@ -744,11 +764,11 @@ def _generate_batch(
     prefix_kv = _prefix_cache(params, cfg, jnp.asarray(prefix), jnp.asarray(prefix_mask)) if shared else None
     # blocks of rows, each in its own bucket: not on a mesh (rows split across devices), nor with
     # adapters (their routing looks at the whole call's last prompt token)
-    by = b // k if k > 1 else PREFILL_BLOCK
+    by = b // k if k > 1 else PREFILL_BLOCK  # a plain batch's last block may be shorter (112 rows: 3 x 32 + 16)
     plain = mesh is not None or has_adapters(stack.structure(params))
     blocks = [(0, p - pk)] if plain else _prefill_blocks(rows, slots, b, by, shared, p - pk)
     packed = None if plain else _pack_prompts(rows, slots, b, k, shared, p - pk, pad,
-                                              sum((by if len(blocks) > 1 else b) * w for _, w in blocks),
+                                              sum((min(by, b - r) if len(blocks) > 1 else b) * w for r, w in blocks),
                                               _stack_blocks(params))
     if packed is not None:  # every rest packed with others into shared rows: one call
         routes = {}
@@ -770,7 +790,7 @@ def _generate_batch(
     else:  # each block on its params (a stack member's own), its rest in its own bucket
         nxt, routes = jnp.zeros((b,), jnp.int32), {}
         for row0, width in blocks:
-            m, rows_m = row0 // by if k > 1 else 0, slice(row0, row0 + by)
+            m, rows_m = row0 // by if k > 1 else 0, slice(row0, min(row0 + by, b))
             part = None if prefix_kv is None else jax.tree_util.tree_map(lambda x: x[m : m + 1], prefix_kv)  # noqa: B023
             cache, first = _prefill_rows(params.member(m) if k > 1 else params, cfg,
                                          jnp.asarray(tokens[rows_m, -width:]), jnp.asarray(mask[rows_m]), cache,
@@ -784,7 +804,7 @@ def _generate_batch(
     row_of = np.asarray(slots)  # per prompt: its row in the batch, -1 once retired by a compaction
     outs: list[np.ndarray | None] = [None] * n  # per prompt: its generated ids, kept when it is retired
     step = 0
-    slots_most = _stack_blocks(params)  # member slots a compaction may fill (`_compaction`)
+    slots_most, slot_rows = _stack_blocks(params), _slot_rows(params)  # what compactions may fill, and its cost
     while step < max_new:
         cache, state = _decode(params, cfg, cache, state, jnp.int32(min(step + chunk, max_new)), stop_ids,
                                checks)
@@ -803,7 +823,7 @@ def _generate_batch(
         if done.all():
             break
         plan = None if mesh is not None else _compaction(  # done rows would keep costing a full step
-            done, params.size if isinstance(params, EditStack) else 1, max_new - step, slots_most)
+            done, params.size if isinstance(params, EditStack) else 1, max_new - step, slots_most, slot_rows)
         if plan is not None:
             out = distributed.fetch(state.out) if out is None else out
             for i in np.nonzero(row_of >= 0)[0]:
@@ -829,12 +849,15 @@ class _Plan(NamedTuple):
     done: np.ndarray  # [new batch] bool: filler rows
 
 
-def _compaction(done: np.ndarray, k: int, steps_left: int, max_slots: int | None = None) -> _Plan | None:
-    """A batch for the rows still running, when it has at most half the rows and the rows it drops
-    would have cost at least `MIN_SAVED_ROW_STEPS` over the steps left: most answers end well before
-    the longest (on the default model under chat_temp ~27 of 50 tokens), and every done row would
-    otherwise cost a full forward per step. Batch and member counts stay powers of two, so a few
-    programs serve every compaction, and a batch never shrinks below `MIN_COMPACT_ROWS`: every new
+def _compaction(done: np.ndarray, k: int, steps_left: int, max_slots: int | None = None,
+                slot_rows: float = 0.0) -> _Plan | None:
+    """A batch for the rows still running, when it has fewer rows and the rows it drops would have
+    cost at least `MIN_SAVED_ROW_STEPS` over the steps left: most answers end well before the
+    longest (on the default model under chat_temp ~27 of 50 tokens), and every done row would
+    otherwise cost a full forward per step. Batch and member counts step down half octaves (`ladder`:
+    ..., 128, 96, 64, 48, 32, 24, ...), so a few programs serve every compaction: with powers of two
+    a batch of 112 kept every row until 64 ran (QAEdit's pre-edit pass: 4160 row-steps where 3051
+    ran; the half octaves <about 3600>). A batch never shrinks below `MIN_COMPACT_ROWS`: every new
     batch size is one more compiled decode loop (~2 s on a CPU), which a per-sample WILD batch of ~7
     rows never earned back in a 20-sample run (11 decode programs where 4 served before compaction),
     while under ~8 rows a step on a GPU / TPU is bound by reading the weights, not by the rows.
@@ -850,9 +873,10 @@ def _compaction(done: np.ndarray, k: int, steps_left: int, max_slots: int | None
     per = len(done) // k
     counts = (~done).reshape(k, per).sum(1)
     max_slots = bucket(k, 1) if max_slots is None else max(bucket(k, 1), max_slots)
-    new_k, new_per = _compact_shape(counts, per, min(len(done), MIN_COMPACT_ROWS), max_slots)
+    new_k, new_per = _compact_shape(counts, per, min(len(done), MIN_COMPACT_ROWS), max_slots, slot_rows)
     rows_new = new_k * new_per
-    if 2 * rows_new > len(done) or (len(done) - rows_new) * steps_left < MIN_SAVED_ROW_STEPS:
+    saved = len(done) - rows_new - (new_k - k) * slot_rows  # a step's rows, slots counted as rows
+    if rows_new >= len(done) or saved * steps_left < MIN_SAVED_ROW_STEPS:
         return None
     parts = []  # per new member slot: (its member, the running rows it holds)
     for m in np.nonzero(counts)[0]:
@@ -867,19 +891,36 @@ def _compaction(done: np.ndarray, k: int, steps_left: int, max_slots: int | None
     return _Plan(rows, members, new_done)
 
 
-def _compact_shape(counts: np.ndarray, per: int, floor: int, max_slots: int) -> tuple[int, int]:
+def _compact_shape(counts: np.ndarray, per: int, floor: int, max_slots: int,
+                   slot_rows: float = 0.0) -> tuple[int, int]:
     """(members, rows per member) of the fewest rows, at least `floor`, that hold `counts[m]` running
-    rows of each member m: powers of two, at most `max_slots` member slots; of equal row counts the
-    one with more rows per member (fewer copies of stacked leaves)."""
+    rows of each member m -- each member slot counted as `slot_rows` rows more (its stacked leaves
+    copied by the compaction and read every step, `_slot_rows`) -- rows per member a power of two,
+    member slots a half octave (`ladder`), at most `max_slots` of them; of equal costs the one with
+    more rows per member (fewer copies of stacked leaves)."""
     if len(counts) == 1:  # plain params: one block of rows
-        return 1, max(bucket(int(counts[0]), 1), floor)
+        return 1, max(ladder(int(counts[0]), 2), floor)
     shapes = []
     for q in (1 << i for i in range(per.bit_length())):  # rows per member: the powers of two <= per
-        k = max(bucket(sum(-(-int(c) // q) for c in counts), 1), -(-floor // q))  # filler members to the floor
+        k = max(ladder(sum(-(-int(c) // q) for c in counts), 2), -(-floor // q))  # filler members to the floor
         if k <= max_slots:
-            shapes.append((k * q, -q, k))
+            shapes.append((k * q + k * slot_rows, -q, k))
     _, neg_q, k = min(shapes)
     return k, -neg_q
+
+
+SLOT_BYTES_PER_ROW = 14 << 20  # stacked-leaf bytes of a member slot that cost a compaction one row (`_slot_rows`)
+
+
+def _slot_rows(params: Any) -> float:
+    """What one member slot of an edit stack costs a compaction, in decode rows: its stacked leaves
+    are copied when the compaction gathers them and read at every later step. Counted as one row
+    per `SLOT_BYTES_PER_ROW`: the default model's FT-M kernel (3.5 MB) a quarter row, measured where
+    a compaction of 16 members x 7 rows to 96 slots of one row gathered for ~1 s (its 340 MB of
+    kernels; the rows alone ~0.04 s) to save 16 rows (~35 ms a step). Rank-one leaves cost ~nothing."""
+    if not isinstance(params, EditStack):
+        return 0.0
+    return sum(leaf.nbytes for leaf in params.leaves) / params.size / SLOT_BYTES_PER_ROW
 
 
 def _compact(params: Any, cache: KVCache, state: DecodeState, row_of: np.ndarray,

@@ -144,6 +144,61 @@ def test_compaction_never_makes_a_batch_smaller_than_the_floor():
     assert [int(r) for r, d in zip(plan.rows, plan.done) if not d] == [1, 17]
 
 
+def test_compaction_steps_down_half_octaves():
+    """A batch of 112 rows (16 QAEdit samples' questions, `decode_rows`) with 90 running goes to 96
+    rows -- with powers of two it kept all 112 until 64 ran -- and 40 running go to 48; a stack of 16
+    members x 7 rows with 5 running each goes to 48 member slots of 2 rows (96; 4-row slots take 32
+    slots, 128 rows), each member's rows on its own slots. Planted bug caught: the rungs left at powers of two."""
+    done = np.ones(112, bool)
+    done[:90] = False
+    assert gen._compaction(done, 1, 50).rows.size == 96
+    done[40:] = True
+    assert gen._compaction(done, 1, 50).rows.size == 48
+    done = np.ones(112, bool)
+    for m in range(16):
+        done[m * 7 : m * 7 + 5] = False
+    plan = gen._compaction(done, 16, 50, max_slots=64)
+    assert plan.rows.size == 96 and len(plan.members) == 48
+    assert all(plan.rows[j] // 7 == plan.members[j // 2] for j in range(96))
+    assert sorted(int(r) for r, d in zip(plan.rows, plan.done) if not d) == np.nonzero(~done)[0].tolist()
+
+
+def test_compaction_counts_member_slots_by_their_leaves():
+    """Each member slot of a compacted stack copies the member's stacked leaves (and reads them every
+    step): 16 members x 7 rows with 3 running each go to 48 slots of 1 row where slots are free, to 16
+    slots of 4 rows (64 rows, no copies) where a slot costs a row (`_slot_rows`). Planted bug caught:
+    the slot cost left out of the shape's choice."""
+    done = np.ones(112, bool)
+    for m in range(16):
+        done[m * 7 : m * 7 + 3] = False
+    free = gen._compaction(done, 16, 50, max_slots=64)
+    assert free.rows.size == 48 and len(free.members) == 48
+    costly = gen._compaction(done, 16, 50, max_slots=64, slot_rows=1.0)
+    assert costly.rows.size == 64 and list(costly.members) == list(range(16))
+
+
+@pytest.mark.parametrize("n", [20, 36])
+def test_a_batch_of_more_than_sixteen_prompts_decodes_in_quarter_octave_rows(tmp_path, monkeypatch, n):
+    """Above 16 prompts a batch takes quarter-octave rows (`decode_rows`: 20 for 20, 40 for 36, not
+    32 / 64) and every generation equals the one of batches of 4 -- 36 prompts prefilled unpacked in
+    blocks of `PREFILL_BLOCK` rows, the last one of 8 (short ones first, then long: the blocks pay)."""
+    cfg, params, _ = load_hf_checkpoint(golden.save_tiny("generate.llama", tmp_path))
+    cfg = cfg.replace(eos_token_ids=(1,))
+    tok = tiny_tokenizer(cfg.vocab_size)
+    rng = np.random.default_rng(5)
+    lengths = rng.integers(1, 12, size=n) if n == 20 else [2] * 32 + [40] * 4
+    rows = [[int(t) for t in rng.integers(2, 128, size=k)] for k in lengths]
+    sizes, decode = [], gen._decode
+    monkeypatch.setattr(gen, "_decode", lambda *a: sizes.append(a[3].done.shape[0]) or decode(*a))
+    blocks, prefill_rows = [], gen._prefill_rows
+    monkeypatch.setattr(gen, "_prefill_rows", lambda *a: blocks.append(a[2].shape[0]) or prefill_rows(*a))
+    monkeypatch.setattr(gen, "_pack_prompts", lambda *a: None)
+    got = gen.generate_ids(params, cfg, tok, rows, max_new_tokens=8, batch_size=64)
+    assert sizes and set(sizes) == {20 if n == 20 else 40}
+    assert blocks == ([] if n == 20 else [32, 8]), blocks
+    assert got == gen.generate_ids(params, cfg, tok, rows, max_new_tokens=8, batch_size=4)
+
+
 def test_compaction_splits_a_member_over_slots_and_pays_for_itself():
     """A stack of 4 members x 8 rows with 5 / 1 / 1 / 0 running: 8 rows per member would keep all 32
     rows; 4 per member with member 0 in two slots makes 16 (the stacked leaves never grow past 4

@@ -8,6 +8,7 @@ would show as a difference. Every test also checks its premise: the members' out
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 
 import jax.numpy as jnp
@@ -441,6 +442,11 @@ def test_grouping_and_degenerate_stacks(tiny):
         gen.generate_ids(stack.build(tiny.params, [a, b]), tiny.cfg, tiny.tokenizer, _ids(tiny, TEXTS[:2]))
     per, rounds = stack.layout([1, 1, 1, 0], 2, 4, per_cap=2)
     assert per == 2 and rounds == [[(3, 0), (0, 2), (1, 3)], [(2, 2)]]
+    # a generation batch: the fewest rows per member whose total is a `decode_rows` size
+    owners = [m for m in range(16) for _ in range(7)]
+    per, rounds = stack.layout(owners, 16, 112, per_cap=128, rows_per=functools.partial(gen._member_rows, 16))
+    assert per == 7 and len(rounds) == 1 and sorted(slot for _, slot in rounds[0]) == list(range(112))
+    assert [gen._member_rows(k, most) for k, most in ((4, 3), (5, 7), (1, 7), (16, 5))] == [4, 8, 8, 5]
 
 
 @pytest.mark.parametrize("method, hp", [("FT-M", FTConfig(layers=(LAYER,), lr=1e-2, num_steps=20)),

@@ -16,7 +16,10 @@ from mirage_jax.evaluation import synthetic
 from mirage_jax.evaluation.synthetic import locality_agreement, token_accuracy
 from mirage_jax.tokens import (
     EditInputError,
+    bucket,
+    decode_rows,
     first_fit,
+    ladder,
     make_batch,
     member_blocks,
     member_rows,
@@ -204,3 +207,17 @@ def test_member_blocks_repeat_a_member_with_many_rows_where_that_takes_fewer():
     assert member_blocks([1, 1, 1], 1000) == (1, None)  # equal blocks: 3 rows, 4 otherwise
     assert member_blocks([2] * 4, 1000) == (2, None)
     assert member_blocks([3], 1000) == (4, None)  # plain params: one block
+
+
+@pytest.mark.parametrize("per_octave", [1, 2, 4])
+def test_ladder_is_the_smallest_rung_at_or_above(per_octave):
+    """`ladder` against its definition: the sizes m * 2^e with m <= 2 * per_octave (all of 1..2 *
+    per_octave), the smallest >= n. 1 is `bucket`; `decode_rows` is powers of two to 16, then
+    quarter octaves (112 rows for 112 prompts)."""
+    rungs = sorted({m << e for m in range(1, 2 * per_octave + 1) for e in range(12)})
+    for n in range(1, 1025):
+        assert ladder(n, per_octave) == next(r for r in rungs if r >= n), n
+        if per_octave == 1:
+            assert ladder(n, 1) == bucket(n, 1)
+    assert [ladder(n, 2) for n in (7, 9, 13, 33, 49, 65, 97)] == [8, 12, 16, 48, 64, 96, 128]
+    assert [decode_rows(n) for n in (5, 9, 16, 17, 100, 112, 113)] == [8, 16, 16, 20, 112, 112, 128]

@@ -195,12 +195,13 @@ def per_member(fn: Callable[..., Any], stack: EditStack, batched: dict[str, Any]
     return jax.tree_util.tree_map(lambda x: jnp.reshape(x, (-1,) + tuple(x.shape[2:])), out)
 
 
-def layout(members: Sequence[int] | None, n_members: int, n_items: int,
-           per_cap: int) -> tuple[int, list[list[tuple[int, int]]]]:
+def layout(members: Sequence[int] | None, n_members: int, n_items: int, per_cap: int,
+           rows_per: Callable[[int], int] | None = None) -> tuple[int, list[list[tuple[int, int]]]]:
     """Where each item goes in member-major batches: ``(rows per member, rounds)``, each round a list
     of ``(item index, row slot)``; a round has ``n_members x rows per member`` slots, the empty ones
-    are filler. Rows per member are a power of two (a bucket) of at most `per_cap`'s bucket, so a
-    handful of programs serve every stack."""
+    are filler. Rows per member are `rows_per` of the most items a member has (at most `per_cap`),
+    by default a power of two (a bucket) of at most `per_cap`'s bucket, so a handful of programs
+    serve every stack."""
     if members is None or len(members) != n_items:
         raise ValueError("evaluating an edit stack needs the member of every prompt")
     if any(not 0 <= m < n_members for m in members):
@@ -209,9 +210,12 @@ def layout(members: Sequence[int] | None, n_members: int, n_items: int,
     for i, m in enumerate(members):
         by_member[m].append(i)
     most = max((len(b) for b in by_member), default=0)
-    per = 1
-    while per < min(max(most, 1), per_cap):
-        per *= 2
+    if rows_per is not None:
+        per = rows_per(min(max(most, 1), per_cap))
+    else:
+        per = 1
+        while per < min(max(most, 1), per_cap):
+            per *= 2
     rounds = []
     for start in range(0, most, per):
         rounds.append([(i, m * per + j) for m, items in enumerate(by_member)
