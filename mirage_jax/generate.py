@@ -43,8 +43,12 @@ Why it is built this way:
   stacked edit answers it (`members`) and rows are laid out member-major; in a packed prefill a
   member with more rows than the others takes several blocks of them (`tokens.member_blocks`).
 * Prompt states. The unedited model's packed prefill can keep each prompt's layers below some
-  layer (`PromptStates`); an edited model that changes nothing below it then prefills the same
-  prompts from there -- a single-edit run asks every question before and after its edit.
+  layer (`PromptStates`, on the device), and its shared prefix's; an edited model that changes
+  nothing below it then prefills the same prompts from there -- a single-edit run asks every
+  question before and after its edit.
+* Rows. A batch takes quarter-octave rows above 16 prompts (`tokens.decode_rows`: 112, not 128)
+  and its compactions step down half octaves: on a CPU a padded or finished row costs a decode step
+  what a running one does.
 
     python -m mirage_jax.generate --model=default --prompt='The capital of France is' --max_new_tokens=12
 """
@@ -892,8 +896,8 @@ def _compaction(done: np.ndarray, k: int, steps_left: int, max_slots: int | None
     longest (on the default model under chat_temp ~27 of 50 tokens), and every done row would
     otherwise cost a full forward per step. Batch and member counts step down half octaves (`ladder`:
     ..., 128, 96, 64, 48, 32, 24, ...), so a few programs serve every compaction: with powers of two
-    a batch of 112 kept every row until 64 ran (QAEdit's pre-edit pass: 4160 row-steps where 3051
-    ran; the half octaves <about 3600>). A batch never shrinks below `MIN_COMPACT_ROWS`: every new
+    a batch of 112 kept every row until 64 ran (QAEdit's pre-edit pass of 16 samples: 4160 row-steps
+    where 3051 ran, now 3584). A batch never shrinks below `MIN_COMPACT_ROWS`: every new
     batch size is one more compiled decode loop (~2 s on a CPU), which a per-sample WILD batch of ~7
     rows never earned back in a 20-sample run (11 decode programs where 4 served before compaction),
     while under ~8 rows a step on a GPU / TPU is bound by reading the weights, not by the rows.
