@@ -43,9 +43,9 @@ Why it is built this way:
   stacked edit answers it (`members`) and rows are laid out member-major; in a packed prefill a
   member with more rows than the others takes several blocks of them (`tokens.member_blocks`).
 * Prompt states. The unedited model's packed prefill can keep each prompt's layers below some
-  layer (`PromptStates`, on the device), and its shared prefix's; an edited model that changes
-  nothing below it then prefills the same prompts from there -- a single-edit run asks every
-  question before and after its edit.
+  layer (`PromptStates`, on the device); an edited model that changes nothing below it then
+  prefills the same prompts from there -- a single-edit run asks every question before and after
+  its edit.
 * Rows. A batch takes quarter-octave rows above 16 prompts (`tokens.decode_rows`: 112, not 128)
   and its compactions step down half octaves: on a CPU a padded or finished row costs a decode step
   what a running one does.
