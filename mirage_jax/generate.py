@@ -231,9 +231,17 @@ def _prefill_blocks(rows: Sequence[Sequence[int]], slots: Sequence[int], batch: 
     width = lambda n: min(bucket(n), rest_slots)  # noqa: E731
     blocks = [(j * block, width(n)) for j, n in sorted(longest.items())]
     whole = width(max(longest.values()))
-    if len(blocks) > 1 and split_pays(sum(min(block, batch - r) * w for r, w in blocks), batch * whole):
+    if len(blocks) > 1 and split_pays(_block_positions(blocks, block, batch), batch * whole):
         return blocks
     return [(0, whole)]
+
+
+def _block_positions(blocks: Sequence[tuple[int, int]], block: int, batch: int) -> int:
+    """Prompt positions the prefill `blocks` take (rows x width; one block is the whole batch, a
+    plain batch's last block may be shorter than `block`)."""
+    if len(blocks) == 1:
+        return batch * blocks[0][1]
+    return sum(min(block, batch - row0) * width for row0, width in blocks)
 
 
 class _PackedPrompts(NamedTuple):
@@ -396,18 +404,17 @@ def _prefill_packed(params: Params, cfg: ModelConfig, cache: KVCache, packed: _P
                   positions=packed.positions, cache=part, cache_index=pk, return_logits=False,
                   reads=(("layer_in", keep),) if keep else ())
     slots = rows * width + 1  # + the "none" slot of `packed.source`: zeros
-    new = map_slots(lambda full, done, axis: _scatter_rests(full, _flat_rests(done, axis, pk, slots), packed.source,
-                                                            pk, axis), cache, out.cache)
+    size = bucket(slots, 1) if keep else slots  # a kept bank: a power of two, few post-edit prefill shapes
+    flats = map_slots(lambda done, axis: _flat_rests(done, axis, pk, size), out.cache)
+    new = map_slots(lambda full, flat, axis: _scatter_rests(full, flat, packed.source, pk, axis), cache, flats)
     new = KVCache(cache.k[:start] + new.k[start:], cache.v[:start] + new.v[start:])
     new = new if prefix is None else _fill_prefix(new, prefix)
     hidden = out.hidden.reshape(rows * width, -1)[packed.last]
     first = top_token(unembed(params, cfg, hidden[:, None])[:, -1])
     if not keep:
         return new, first, None
-    size = bucket(slots, 1)  # a power of two: the post-edit prefill's shapes follow few bank sizes
-    flat = lambda layers, axis: jnp.stack([_flat_rests(x, axis, pk, size) for x in layers[:keep]])  # noqa: E731
     held = jnp.pad(out.reads[("layer_in", keep)].reshape(rows * width, -1), ((0, size - rows * width), (0, 0)))
-    return new, first, _Bank(held, flat(out.cache.k, K_SLOT_AXIS), flat(out.cache.v, V_SLOT_AXIS))
+    return new, first, _Bank(held, jnp.stack(flats.k[:keep]), jnp.stack(flats.v[:keep]))
 
 
 def _keep_states(states: PromptStates, rows: Sequence[Sequence[int]], slots: Sequence[int], shared: int,
@@ -772,7 +779,7 @@ def _generate_batch(
     plain = mesh is not None or has_adapters(stack.structure(params))
     blocks = [(0, p - pk)] if plain else _prefill_blocks(rows, slots, b, by, shared, p - pk)
     packed = None if plain else _pack_prompts(rows, slots, b, k, shared, p - pk, pad,
-                                              sum((min(by, b - r) if len(blocks) > 1 else b) * w for r, w in blocks),
+                                              _block_positions(blocks, by, b),
                                               _stack_blocks(params))
     if packed is not None:  # every rest packed with others into shared rows: one call
         routes = {}
