@@ -269,8 +269,12 @@ def test_a_stack_prefills_from_where_the_unedited_model_left_its_prompts(tiny, m
     assert before == gen.generate_ids(tiny.params, tiny.cfg, tiny.tokenizer, prompts, batch_size=8, **kw)
     used, fn = [], gen._states_below
     monkeypatch.setattr(gen, "_states_below", lambda *a: used.append(1) or fn(*a))
+    starts, prefix_cache = [], gen._prefix_cache
+    monkeypatch.setattr(gen, "_prefix_cache", lambda *a, **k: starts.append(k.get("start", 0)) or prefix_cache(*a, **k))
     got = gen.generate_ids(st, tiny.cfg, tiny.tokenizer, prompts, members=owner, states=states, batch_size=4, **kw)
     assert used, "the stack prefilled every layer"
+    if head and calls == 1:  # the shared prefix, kept as the prompts' rests were, starts there too
+        assert states.prefixes and starts and set(starts) == {layer}, starts
     assert got == gen.generate_ids(st, tiny.cfg, tiny.tokenizer, prompts, members=owner, batch_size=4, **kw)
     _each_members_alone(tiny, members, prompts, owner, got, batch_size=4, **kw)
     assert got != before  # the premise: the edits change some answer
