@@ -16,7 +16,7 @@ so no `lax.cond` turns into a both-branches `select`.
 Its answers are those of one-by-one evaluation up to float rounding, not bit for bit: XLA's CPU
 matmul sums a row in an order that depends on the row count (a row of ``x @ W`` on the default
 model's shapes differs by ~1e-5 between 1, 2-32 and >= 64 rows), as a plain batch's answers depend on
-its size; a near-tie token can go either way (1 answer of 896 in a 128-sample FT-M run, stop 24).
+its size; a near-tie token can go either way (one answer of 896 did in a 128-sample FT-M run).
 
 Members must change the same leaves with the same shapes (`signature`); `group` sorts a set of
 edits into such groups, `stacks` also builds their stacks. A stack needs every leaf on one device
