@@ -113,6 +113,30 @@ def test_kv_cache_decoding_matches_full_forward(tiny):
     assert np.abs(got - full[:, p - 1:]).max() <= 1e-4
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_last_layer_at_some_tokens_equals_the_full_forward_there(tiny, packed):
+    """`forward(last_at=)` (the top layer's queries, MLP and logits at some tokens only, as FT's loss
+    reads them) gives the full forward's logits at those tokens: a left-padded batch, or rows packed
+    with two sequences each (a [B, T, T] mask, positions restarting) -- every family, past the
+    sliding window, under linear RoPE scaling. Planted bugs caught: the queries' RoPE at their slot
+    instead of their position (packed), the row's keys not causal (later keys seen), the residual
+    taken at the wrong token (row-major slip)."""
+    _, cfg, params = tiny
+    ids, mask = left_padded_batch()
+    b, t = ids.shape
+    positions, attn = None, mask
+    if packed:  # row r: a sequence of 5 then one of 6, each attending to itself only
+        seg = np.repeat([[0] * 5 + [1] * 6], b, 0)
+        attn = seg[:, :, None] == seg[:, None, :]
+        positions = np.concatenate([np.arange(5), np.arange(6)])[None].repeat(b, 0)
+    full = np.asarray(forward(params, cfg, ids, attn_mask=attn, positions=positions).logits).reshape(b * t, -1)
+    at = np.array([t - 1, 4, 2 * t - 1, t + 6, 2 * t + 9, 3, 2 * t + 10])
+    got = np.asarray(forward(params, cfg, ids, attn_mask=attn, positions=positions, last_at=at).logits)
+    assert got.shape == (len(at), 1, full.shape[-1])
+    real = np.ones(b * t, bool) if packed else mask.reshape(-1).astype(bool)
+    np.testing.assert_allclose(got[:, 0][real[at]], full[at][real[at]], atol=2e-5, rtol=0)
+
+
 def test_variant_is_in_force_and_greedy_decoding_matches_hf_generate(variant):
     """Our jitted greedy loop (KV cache, left-padded batch) against HF `generate` (its own cache):
     prompts and continuations run well past the window. Planted bugs this catches (seen failing,

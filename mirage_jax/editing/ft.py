@@ -27,7 +27,7 @@ from mirage_jax.editing.common import (
     check_layers,
     down_kernel,
     loss_reads,
-    read_nll,
+    mean_per_request,
     replace_down_kernels,
     token_nll_at,
 )
@@ -50,10 +50,14 @@ class FTConfig:
 
 
 def _loss(trainable, params, cfg: ModelConfig, start: int, hidden, attn_mask, reads: Reads):
-    """Mean NLL of the read target tokens, `mean_per_request` (both objectives: only `reads` differ)."""
+    """Mean NLL of the read target tokens, `mean_per_request` (both objectives: only `reads` differ);
+    the top layer runs at the read tokens only (`forward`'s ``last_at``)."""
     p = replace_down_kernels(params, trainable)
-    h = forward(p, cfg, None, attn_mask=attn_mask, start_layer=start, hidden=hidden, return_logits=False).hidden
-    return read_nll(p, cfg, h, reads)
+    b, t = hidden.shape[:2]
+    at = (jnp.arange(b)[:, None] * t + reads.pos).reshape(-1)
+    h = forward(p, cfg, None, attn_mask=attn_mask, start_layer=start, hidden=hidden, return_logits=False,
+                last_at=at).hidden
+    return mean_per_request(token_nll_at(p, cfg, h.reshape(b, -1, h.shape[-1]), reads.tok), reads.mask)
 
 
 def _optimise_impl(params, cfg: ModelConfig, hp: FTConfig, tokens, attn_mask, reads: Reads):
@@ -200,8 +204,8 @@ def _optimise_packed(params, cfg: ModelConfig, hp: FTConfig, pk: _Packing, reads
         delta = jnp.einsum("ntf,nfd->ntd", keys, w - w0, preferred_element_type=jnp.float32)
         h = base.at[pk.flat].add((delta * pk.valid[..., None]).astype(base.dtype)).reshape(rows, width, -1)
         h = forward(params, cfg, None, attn_mask=mask, positions=pk.positions, start_layer=layer + 1, hidden=h,
-                    return_logits=False).hidden
-        at = jnp.take(flat(h), reads.slot, axis=0).reshape(READ_ROWS, -1, h.shape[-1])
+                    return_logits=False, last_at=reads.slot).hidden  # the read slots' only: [N, 1, D]
+        at = h.reshape(READ_ROWS, -1, h.shape[-1])
         nll = token_nll_at(params, cfg, at, reads.tok.reshape(READ_ROWS, -1)).reshape(-1)
         per = jax.ops.segment_sum(nll * reads.valid, reads.owner, num_segments=n) / jnp.maximum(count, 1)
         return per.sum(), per  # requests are independent: d(sum)/d(W_r) is request r's own gradient

@@ -168,13 +168,16 @@ def _attention(
     x: jax.Array,
     where: Placement,
     cache_kv: tuple[jax.Array, jax.Array] | None,
+    query_at: jax.Array | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     positions, key_mask, cache_index = where
     b, t, _ = x.shape
     hq, hk, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    q = _dense(p["q"], x).reshape(b, t, hq, hd)
     k = _dense(p["k"], x).reshape(b, t, hk, hd)
     v = _dense(p["v"], x).reshape(b, t, hk, hd)
+    if query_at is not None:
+        return _attend_at(cfg, p, x, where, k, v, query_at), None
+    q = _dense(p["q"], x).reshape(b, t, hq, hd)
     if not cfg.learned_positions:
         q, k = _rope(cfg, q, positions), _rope(cfg, k, positions)
     new_cache = None
@@ -205,6 +208,30 @@ def _attention(
         out = jnp.einsum("bkgts,bksd->btkgd", probs, cv, preferred_element_type=jnp.float32).astype(v.dtype)
     out = out.reshape(b, t, hq * hd)
     return _dense(p["o"], out), new_cache
+
+
+def _attend_at(cfg: ModelConfig, p: Params, x: jax.Array, where: Placement, k: jax.Array, v: jax.Array,
+               query_at: jax.Array) -> jax.Array:
+    """`_attention` (no cache) of only the queries at flat token indices ``query_at`` ``[N]`` (row *
+    T + slot) over every key of their row: ``[N, 1, D]``, each query a row of one token. The keys
+    ``k`` / ``v`` ``[B, T, Hk, hd]`` are this layer's at every token (before RoPE)."""
+    positions, key_mask, _ = where
+    b, t, _ = x.shape
+    hq, hk, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    row, col = query_at // t, query_at % t
+    q = _dense(p["q"], x.reshape(b * t, -1)[query_at]).reshape(-1, 1, hq, hd)
+    if not cfg.learned_positions:
+        q, k = _rope(cfg, q, positions[row, col][:, None]), _rope(cfg, k, positions)
+    seen = (key_mask[row, col] if key_mask.ndim == 3 else key_mask[row]).astype(bool)  # [N, T]
+    k_slot = jnp.arange(t)
+    allowed = seen & (k_slot[None] <= col[:, None])
+    if cfg.sliding_window is not None:
+        allowed &= k_slot[None] > col[:, None] - cfg.sliding_window
+    q = q.reshape(-1, 1, hk, hq // hk, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k[row], preferred_element_type=jnp.float32)
+    probs = _probs(scores, allowed[:, None], hd, v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v[row], preferred_element_type=jnp.float32).astype(v.dtype)
+    return _dense(p["o"], out.reshape(-1, 1, hq * hd))
 
 
 def _probs(scores: jax.Array, allowed: jax.Array, hd: int, dtype: Any) -> jax.Array:
@@ -250,6 +277,7 @@ def _layer(
     prompt_len: jax.Array | None = None,
     route: dict | None = None,
     mlp_stack: EditStack | None = None,
+    query_at: jax.Array | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None, dict[Site, jax.Array], dict]:
     """One decoder layer ``p`` (index ``layer``) on the hidden state ``x`` ``[B, T, D]``.
 
@@ -257,6 +285,8 @@ def _layer(
     a cache) and the reads of this layer, ``{(site, layer): [B, T, X]}``: returned, not written into
     a caller's dict, so that a layer is a function of its arguments and nothing else -- and the
     decisions of its MLP adapters, if any (``route``: those of an earlier call, for decode steps).
+    ``query_at`` ``[N]`` (no cache, no hooks): only the tokens at these flat indices leave the layer,
+    ``[N, 1, D]`` (`forward`'s ``last_at``).
     """
     captured: dict[Site, jax.Array] = {}
 
@@ -269,7 +299,10 @@ def _layer(
 
     x = hook("layer_in", x)
     h = _norm(cfg, p["attn_norm"], x)
-    attn, new_kv = _attention(cfg, p["attn"], h, where, cache_kv)
+    attn, new_kv = _attention(cfg, p["attn"], h, where, cache_kv, query_at)
+    if query_at is not None:  # the rest of the layer at those tokens only
+        x, h = (y.reshape(-1, y.shape[-1])[query_at][:, None] for y in (x, h))
+        where = where._replace(positions=where.positions.reshape(-1)[query_at][:, None])
     mlp_in = hook("mlp_in", h if cfg.parallel_residual else _norm(cfg, p["mlp_norm"], x + attn))
     if mlp_stack is None:
         mlp_out, new_route = _mlp(cfg, p["mlp"], mlp_in, where.positions, prompt_len, route, hook)
@@ -356,6 +389,7 @@ def forward(
     return_logits: bool = True,
     prompt_len: jax.Array | None = None,
     routes: Mapping[int, dict] | None = None,
+    last_at: jax.Array | None = None,
 ) -> ForwardOutput:
     """Run the decoder.
 
@@ -373,10 +407,18 @@ def forward(
       ``prompt_len - 1``); None: every token of this call is prompt. Ignored without adapters.
     routes: the ``ForwardOutput.routes`` of the prefill of the same rows (decode steps): the
       adapters' per-row decisions made at the last prompt token, which a decode step does not see.
+    last_at: ``[N]`` flat token indices (row * T + slot; no cache, plain params): the last layer runs
+      its queries, MLP and residual at these tokens only (its keys / values at all) and the hidden
+      state / logits are theirs, ``[N, 1, ...]``. Why: a loss that reads a few tokens (FT's targets:
+      ~100 of 448 packed slots) needs nothing else from the top layer -- ~6% of FT-M's step.
 
     params may be an `EditStack` of K edited models: the rows are then K equal member-major blocks,
     block k run on member k (`stack.per_member`).
     """
+    top = (cfg.num_layers if stop_layer is None else stop_layer) - 1
+    if last_at is not None and (cache is not None or isinstance(params, EditStack) or prompt_len is not None
+                                or any(layer == top for _, layer in (*reads, *(adds or {})))):
+        raise ValueError("last_at: only without a cache, an edit stack, adapters' prompt_len or hooks on the top layer")
     mlp_stack = {}
     if isinstance(params, EditStack) and not reads and not adds:
         mlp_stack = mlp_stacks(params) or {}
@@ -409,12 +451,15 @@ def forward(
         x, new_kv, layer_reads, route = _layer(cfg=cfg, p=params["layers"][layer], x=x, where=where, cache_kv=kv,
                                                layer=layer, reads=reads, adds=adds, prompt_len=prompt_len,
                                                route=None if routes is None else routes.get(layer),
-                                               mlp_stack=mlp_stack.get(layer))
+                                               mlp_stack=mlp_stack.get(layer),
+                                               query_at=last_at if layer == stop - 1 else None)
         out_reads.update(layer_reads)
         if route:
             out_routes[layer] = route
         if new_kv is not None:
             new_k[layer], new_v[layer] = new_kv
+    if last_at is not None and start_layer >= stop:  # no layer ran: the tokens as they came
+        x = x.reshape(-1, x.shape[-1])[last_at][:, None]
     logits = unembed(params, cfg, x) if return_logits and stop == cfg.num_layers else None
     new_cache = KVCache(new_k, new_v) if cache is not None else None
     return ForwardOutput(logits, out_reads, new_cache, x, out_routes)
