@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -92,6 +91,7 @@ from mirage_jax.tokens import (
     first_fit_members,
     ladder,
     member_blocks,
+    member_rows,
     split_pays,
     vocab_texts,
 )
@@ -607,13 +607,6 @@ def default_batch(cfg: ModelConfig, dtype: Any, max_new_tokens: int, prompt_slot
     return rows
 
 
-def _member_rows(k: int, most: int) -> int:
-    """Rows per member of an edit stack's generation batch (`stack.layout`) when a member has at
-    most `most` prompts: the fewest whose k-member total is a `decode_rows` size (16 QAEdit samples
-    of 7 questions: 7 a member, 112 rows, where a power of two per member made 128)."""
-    return next(per for per in itertools.count(most) if decode_rows(k * per) == k * per)
-
-
 def generate_ids(
     params: Any,
     cfg: ModelConfig,
@@ -655,7 +648,8 @@ def generate_ids(
     new_bucket = bucket(max_new_tokens, 16)  # one bucket for every batch of this call
     if isinstance(params, EditStack):
         per, rounds = stack.layout(members, params.size, len(prompt_ids), batch_size,
-                                   rows_per=functools.partial(_member_rows, params.size))
+                                   rows_per=functools.partial(member_rows, k=params.size, sizes=decode_rows,
+                                                                      alone=False))
         batches = [([i for i, _ in r], [slot for _, slot in r], params.size * per) for r in rounds]
     else:
         order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # similar lengths together

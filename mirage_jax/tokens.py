@@ -9,7 +9,8 @@ tokenizers get no stray lone-space token and byte-level BPE merges at the bounda
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import itertools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -82,15 +83,14 @@ def rows_bucket(n: int) -> int:
     return bucket(n, 1) if n <= 8 else -(-n // 8) * 8
 
 
-def member_rows(used: int, k: int) -> int:
-    """Rows per member of a packed batch of `k` edit-stack members (member-major, the same count
-    each) where some member needs `used`: the fewest whose total is a packed-rows bucket, or whose
-    own count is one -- whichever comes first. The total alone gave 3 members 8 rows each (24, a
-    bucket) where each needed 1; the count alone gave 16 members 4 rows each (64) where 3 (48) do."""
-    r = used
-    while rows_bucket(k * r) != k * r and rows_bucket(r) != r:
-        r += 1
-    return r
+def member_rows(used: int, k: int, sizes: Callable[[int], int] = rows_bucket, alone: bool = True) -> int:
+    """Rows per member of a member-major batch of `k` edit-stack members (the same count each) where
+    some member needs `used`: the fewest whose k-member total is a `sizes` size (a packed prefill's
+    `rows_bucket`, a generation batch's `decode_rows`) or, with `alone`, whose own count is one --
+    whichever comes first. For a packed prefill the total alone gave 3 members 8 rows each (24, a
+    bucket) where each needed 1, the count alone 16 members 4 rows each (64) where 3 (48) do; for a
+    generation batch 16 QAEdit samples of 7 questions take 7 a member (112 rows), not 8 (128)."""
+    return next(r for r in itertools.count(used) if sizes(k * r) == k * r or (alone and sizes(r) == r))
 
 
 def member_blocks(counts: Sequence[int], max_blocks: int) -> tuple[int, np.ndarray | None]:

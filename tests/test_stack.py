@@ -30,6 +30,7 @@ from mirage_jax.model.diff import changed_leaves, path_steps
 from mirage_jax.model.stack import EditStack
 from mirage_jax.model.transformer import forward
 from mirage_jax.runner import RunConfig, _public, evaluate, evaluate_singles, pre_edit, run
+from mirage_jax.tokens import decode_rows, member_rows
 from tiny import qaedit_records, save_tiny
 
 LAYER = 1
@@ -448,9 +449,11 @@ def test_grouping_and_degenerate_stacks(tiny):
     assert per == 2 and rounds == [[(3, 0), (0, 2), (1, 3)], [(2, 2)]]
     # a generation batch: the fewest rows per member whose total is a `decode_rows` size
     owners = [m for m in range(16) for _ in range(7)]
-    per, rounds = stack.layout(owners, 16, 112, per_cap=128, rows_per=functools.partial(gen._member_rows, 16))
+    rows_per = functools.partial(member_rows, k=16, sizes=decode_rows, alone=False)
+    per, rounds = stack.layout(owners, 16, 112, per_cap=128, rows_per=rows_per)
     assert per == 7 and len(rounds) == 1 and sorted(slot for _, slot in rounds[0]) == list(range(112))
-    assert [gen._member_rows(k, most) for k, most in ((4, 3), (5, 7), (1, 7), (16, 5))] == [4, 8, 8, 5]
+    assert [member_rows(most, k, decode_rows, alone=False)
+            for k, most in ((4, 3), (5, 7), (1, 7), (16, 5))] == [4, 8, 8, 5]
 
 
 @pytest.mark.parametrize("method, hp", [("FT-M", FTConfig(layers=(LAYER,), lr=1e-2, num_steps=20)),
