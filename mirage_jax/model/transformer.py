@@ -441,7 +441,7 @@ def forward(
             raise ValueError("a [B, T, T] attention mask needs explicit positions")
         positions = positions_from_mask(attn_mask[:, :t])  # prompt / prefill: slots 0..t-1
     x = hidden if hidden is not None else embed(params, cfg, tokens, positions)
-    stop = cfg.num_layers if stop_layer is None else stop_layer
+    stop = top + 1
     out_reads: dict[Site, jax.Array] = {}
     out_routes: dict[int, dict] = {}
     new_k, new_v = (list(cache.k), list(cache.v)) if cache is not None else (None, None)
@@ -452,7 +452,7 @@ def forward(
                                                layer=layer, reads=reads, adds=adds, prompt_len=prompt_len,
                                                route=None if routes is None else routes.get(layer),
                                                mlp_stack=mlp_stack.get(layer),
-                                               query_at=last_at if layer == stop - 1 else None)
+                                               query_at=last_at if layer == top else None)
         out_reads.update(layer_reads)
         if route:
             out_routes[layer] = route
