@@ -468,15 +468,15 @@ def _prefix_cache(params: Params, cfg: ModelConfig, prefix: jax.Array, mask: jax
     every member (an edit stack whose members change nothing below `start`)."""
     k, pk = prefix.shape
     cache = init_cache(cfg, k, pk, params_dtype(params))
+    rows = lambda x: jnp.broadcast_to(x, (k,) + x.shape[1:])  # noqa: E731  (the kept prefix: one row, K members)
     hidden = None
     if start:
         kept, held = below
-        hidden = jnp.broadcast_to(held, (k,) + held.shape[1:])
+        hidden = rows(held)
     out = forward(params, cfg, None if start else prefix, hidden=hidden, start_layer=start, attn_mask=mask,
                   cache=cache, return_logits=False, reads=(("layer_in", keep),) if keep else ())
     new = out.cache
     if start:
-        rows = lambda x: jnp.broadcast_to(x, (k,) + x.shape[1:])  # noqa: E731
         new = KVCache([rows(c) for c in kept.k[:start]] + new.k[start:],
                       [rows(c) for c in kept.v[:start]] + new.v[start:])
     return new, out.reads[("layer_in", keep)] if keep else None
@@ -647,9 +647,8 @@ def generate_ids(
     checks = jnp.asarray(_check_table(token_texts or (), chars, cfg.vocab_size))
     new_bucket = bucket(max_new_tokens, 16)  # one bucket for every batch of this call
     if isinstance(params, EditStack):
-        per, rounds = stack.layout(members, params.size, len(prompt_ids), batch_size,
-                                   rows_per=functools.partial(member_rows, k=params.size, sizes=decode_rows,
-                                                                      alone=False))
+        rows_per = functools.partial(member_rows, k=params.size, sizes=decode_rows, alone=False)
+        per, rounds = stack.layout(members, params.size, len(prompt_ids), batch_size, rows_per=rows_per)
         batches = [([i for i, _ in r], [slot for _, slot in r], params.size * per) for r in rounds]
     else:
         order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # similar lengths together

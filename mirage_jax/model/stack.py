@@ -15,7 +15,7 @@ so no `lax.cond` turns into a both-branches `select`.
 
 Its answers are those of one-by-one evaluation up to float rounding, not bit for bit: XLA's CPU
 matmul sums a row in an order that depends on the row count (a row of ``x @ W`` on the default
-model's shapes differs by ~1e-5 between 1, 2-32 and >= 64 rows), as a plain batch's answers depend on
+model's shapes differs by up to 6e-5 between 1, 2-32 and >= 64 rows), as a plain batch's answers depend on
 its size; a near-tie token can go either way (one answer of 896 did in a 128-sample FT-M run).
 
 Members must change the same leaves with the same shapes (`signature`); `group` sorts a set of
@@ -26,6 +26,7 @@ set without a multi-device sharding: the runner evaluates one by one on a mesh.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -34,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mirage_jax.model.diff import PathSteps, changed_leaves, path_steps, set_leaf
+from mirage_jax.tokens import bucket
 
 Signature = tuple[tuple[PathSteps, tuple[int, ...], str], ...]
 
@@ -215,12 +217,7 @@ def layout(members: Sequence[int] | None, n_members: int, n_items: int, per_cap:
     for i, m in enumerate(members):
         by_member[m].append(i)
     most = max((len(b) for b in by_member), default=0)
-    if rows_per is not None:
-        per = rows_per(min(max(most, 1), per_cap))
-    else:
-        per = 1
-        while per < min(max(most, 1), per_cap):
-            per *= 2
+    per = (rows_per or functools.partial(bucket, minimum=1))(min(max(most, 1), per_cap))
     rounds = []
     for start in range(0, most, per):
         rounds.append([(i, m * per + j) for m, items in enumerate(by_member)

@@ -188,17 +188,11 @@ def _attention(
                                                  cache_index, V_SLOT_AXIS)
         new_cache = (ck, cv)
     s = t if cache_kv is None else new_cache[0].shape[K_SLOT_AXIS]
-    q_slot = cache_index + jnp.arange(t)
-    k_slot = jnp.arange(s)
     seen = key_mask[:, None, :] if key_mask.ndim == 2 else key_mask
-    allowed = (k_slot[None, :] <= q_slot[:, None])[None] & seen.astype(bool)
-    if cfg.sliding_window is not None:
-        allowed &= (k_slot[None, :] > q_slot[:, None] - cfg.sliding_window)[None]
+    allowed = _allowed(cfg, cache_index + jnp.arange(t), s, seen)
     q = q.reshape(b, t, hk, hq // hk, hd)
     if cache_kv is None:
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-        probs = _probs(scores, allowed, hd, v.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
+        out = _attend(q, k, v, allowed)
     elif t == 1:
         out = _attend_one(q[:, 0], *new_cache, allowed[:, 0]).astype(v.dtype)
     else:
@@ -222,16 +216,29 @@ def _attend_at(cfg: ModelConfig, p: Params, x: jax.Array, where: Placement, k: j
     q = _dense(p["q"], x.reshape(b * t, -1)[query_at]).reshape(-1, 1, hq, hd)
     if not cfg.learned_positions:
         q, k = _rope(cfg, q, positions[row, col][:, None]), _rope(cfg, k, positions)
-    seen = (key_mask[row, col] if key_mask.ndim == 3 else key_mask[row]).astype(bool)  # [N, T]
-    k_slot = jnp.arange(t)
-    allowed = seen & (k_slot[None] <= col[:, None])
-    if cfg.sliding_window is not None:
-        allowed &= k_slot[None] > col[:, None] - cfg.sliding_window
-    q = q.reshape(-1, 1, hk, hq // hk, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k[row], preferred_element_type=jnp.float32)
-    probs = _probs(scores, allowed[:, None], hd, v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v[row], preferred_element_type=jnp.float32).astype(v.dtype)
+    seen = key_mask[row, col] if key_mask.ndim == 3 else key_mask[row]  # [N, T]
+    allowed = _allowed(cfg, col[:, None], t, seen[:, None])  # [N, 1, T]
+    out = _attend(q.reshape(-1, 1, hk, hq // hk, hd), k[row], v[row], allowed)
     return _dense(p["o"], out.reshape(-1, 1, hq * hd))
+
+
+def _allowed(cfg: ModelConfig, q_slot: jax.Array, s: int, seen: jax.Array) -> jax.Array:
+    """Which of `s` key slots each query may see, ``[B, T, S]``: `seen` (``[B, T or 1, S]``) within
+    causality (no key after the query's slot `q_slot`, ``[T]`` or ``[B, T]``) and the sliding window
+    -- one rule for a prompt, a call against the cache and `_attend_at`'s gathered queries."""
+    k_slot = jnp.arange(s)
+    allowed = (k_slot <= q_slot[..., None]) & seen.astype(bool)
+    if cfg.sliding_window is not None:
+        allowed &= k_slot > q_slot[..., None] - cfg.sliding_window
+    return allowed
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
+    """Queries ``[B, T, Hk, G, hd]`` over keys / values ``[B, S, Hk, hd]`` (a call's own, no cache;
+    `allowed` ``[B, T, S]``) -> ``[B, T, Hk, G, hd]`` in the values' dtype, float32 sums."""
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    probs = _probs(scores, allowed, q.shape[-1], v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
 
 
 def _probs(scores: jax.Array, allowed: jax.Array, hd: int, dtype: Any) -> jax.Array:
